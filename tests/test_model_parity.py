@@ -15,7 +15,12 @@ ATOL = 1e-4
 def make_model(window: int = 4, *, layers: int = 2, dim: int = 16, heads: int = 2, seed: int = 0):
     torch.manual_seed(seed)
     config = ModelConfig(
-        n_items=50, n_categories=5, dim=dim, n_layers=layers, n_heads=heads, window=window,
+        n_items=50,
+        n_categories=5,
+        dim=dim,
+        n_layers=layers,
+        n_heads=heads,
+        window=window,
         dropout=0.0,
     )
     model = SessionRec(config).eval()
@@ -130,7 +135,8 @@ def test_batched_equals_unbatched():
     batched, _ = model.step(queries, model.prefill(sessions, lens), append=False)
     for b, n in enumerate(lengths):
         one, _ = model.step(
-            queries[b : b + 1], model.prefill(sessions[b : b + 1, : max(n, 1)], lens[b : b + 1]),
+            queries[b : b + 1],
+            model.prefill(sessions[b : b + 1, : max(n, 1)], lens[b : b + 1]),
             append=False,
         )
         torch.testing.assert_close(one[0], batched[b], atol=ATOL, rtol=0)
@@ -159,8 +165,14 @@ def test_session_encoder_ragged_batch_equals_one_at_a_time_and_sees_negatives():
     for s in range(3):
         sel = segment == s
         one = model.encode_sessions(
-            Sessions(items[sel], labels[sel], torch.zeros(int(sel.sum()), dtype=torch.long),
-                     gap[s : s + 1], start[s : s + 1], 1)
+            Sessions(
+                items[sel],
+                labels[sel],
+                torch.zeros(int(sel.sum()), dtype=torch.long),
+                gap[s : s + 1],
+                start[s : s + 1],
+                1,
+            )
         )
         torch.testing.assert_close(one[0], batch[s], atol=ATOL, rtol=0)
     # Same items, one negative flipped to positive: the token must differ.

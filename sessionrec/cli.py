@@ -1,0 +1,334 @@
+"""`sessionrec` — the one command-line entry point.
+
+Subcommands import their heavy modules (torch, pandas) lazily so `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+DESCRIPTION = """\
+Next-session recommendation after SessionRec (arXiv 2502.10157).
+
+Typical flow:
+  sessionrec data prepare --source taobao --out data/taobao
+  sessionrec train --data data/taobao --registry artifacts --promote
+  sessionrec train --data data/taobao --registry artifacts --model sasrec
+  sessionrec evaluate --data data/taobao --registry artifacts --model current --model latest
+  sessionrec demo                      # all of it on synthetic data
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args) or 0
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"sessionrec: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # ArtifactError / RegistryError / DatasetError carry the message
+        if type(exc).__name__ in {"ArtifactError", "RegistryError", "DatasetError"}:
+            print(f"sessionrec: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sessionrec",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    data = sub.add_parser("data", help="prepare datasets").add_subparsers(
+        title="data commands", metavar="COMMAND"
+    )
+    p = data.add_parser(
+        "prepare",
+        help="event log → sessions → train/val/test split, saved to a directory",
+        description="Load a source, cut it into sessions, split it (last positive session of "
+        "each user with >= 3 positive sessions is TEST, the one before VAL) and save it. "
+        "Format: docs/DATA.md.",
+    )
+    p.add_argument(
+        "--source", required=True, choices=["synthetic", "taobao", "globo", "mind", "csv"]
+    )
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument(
+        "--path",
+        type=Path,
+        help="input file/folder (default: ../shared/datasets/<source>; required for csv)",
+    )
+    p.add_argument(
+        "--gap-minutes",
+        type=float,
+        default=30.0,
+        help="inactivity gap that starts a new session when the data has no "
+        "session id (default 30)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-users", type=int, help="globo: sample this many users")
+    p.add_argument("--max-files", type=int, help="globo: read only the first N hourly files")
+    p.add_argument(
+        "--mind-history",
+        choices=["session", "none"],
+        default="session",
+        help="mind: the click history column as one pseudo-session, or ignored",
+    )
+    p.add_argument("--users", type=int, help="synthetic: number of users (default 2000)")
+    p.add_argument("--items", type=int, help="synthetic: catalogue size (default 2000)")
+    p.set_defaults(handler=cmd_prepare)
+
+    p = sub.add_parser(
+        "train",
+        help="train SessionRec or the SASRec-style baseline; save a registry version",
+        description="Train on the TRAIN sessions, early-stop on validation Recall@50, "
+        "evaluate on TEST and write a versioned artifact (config, safetensors weights, item "
+        "vectors, id map, metrics, checksummed manifest) into the registry.",
+    )
+    p.add_argument("--data", type=Path, required=True, help="prepared dataset directory")
+    p.add_argument(
+        "--registry",
+        type=Path,
+        default=Path("artifacts"),
+        help="model registry directory (default ./artifacts)",
+    )
+    p.add_argument("--model", choices=["sessionrec", "sasrec"], default="sessionrec")
+    p.add_argument("--promote", action="store_true", help="point CURRENT at the new version")
+    _add_train_options(p)
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="next-session Recall/NDCG/HR@{10,50,100} and in-session AUC",
+        description="Evaluate registry models and the popularity baseline under the same "
+        "next-session protocol; prints a table and writes JSON.",
+    )
+    p.add_argument("--data", type=Path, required=True, help="prepared dataset directory")
+    p.add_argument("--registry", type=Path, default=Path("artifacts"))
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        metavar="REF",
+        help="version, unique prefix, 'current' or 'latest'; repeatable (default: current)",
+    )
+    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--no-popularity", action="store_true", help="skip the popularity row")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(handler=cmd_evaluate)
+
+    models = sub.add_parser("models", help="the model registry").add_subparsers(
+        title="models commands", metavar="COMMAND"
+    )
+    p = models.add_parser("list", help="list versions (* marks CURRENT)")
+    p.add_argument("--registry", type=Path, default=Path("artifacts"))
+    p.set_defaults(handler=cmd_models_list)
+    p = models.add_parser("promote", help="verify a version and point CURRENT at it")
+    p.add_argument("version", help="version, unique prefix or 'latest'")
+    p.add_argument("--registry", type=Path, default=Path("artifacts"))
+    p.set_defaults(handler=cmd_models_promote)
+
+    p = sub.add_parser(
+        "demo",
+        help="synthetic data → SessionRec + SASRec-style + popularity → table",
+        description="Prepare synthetic data, train SessionRec (promoted) and the SASRec-style "
+        "baseline, and print the side-by-side evaluation table.",
+    )
+    p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    p.add_argument("--epochs", type=int, default=8)
+    p.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from training.train import TrainConfig
+
+    d = TrainConfig()
+    g = p.add_argument_group("model and training (defaults in brackets)")
+    g.add_argument("--dim", type=int, default=d.dim, help=f"embedding size [{d.dim}]")
+    g.add_argument("--layers", type=int, default=d.n_layers, help=f"[{d.n_layers}]")
+    g.add_argument("--heads", type=int, default=d.n_heads, help=f"[{d.n_heads}]")
+    g.add_argument("--dropout", type=float, default=d.dropout, help=f"[{d.dropout}]")
+    g.add_argument(
+        "--window",
+        type=int,
+        default=d.window,
+        help=f"W: sessions each token attends to / kept in the K/V cache [{d.window}]",
+    )
+    g.add_argument("--epochs", type=int, default=d.epochs, help=f"[{d.epochs}]")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"users [{d.batch_size}]")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"[{d.lr}]")
+    g.add_argument(
+        "--negatives",
+        type=int,
+        default=d.n_negatives,
+        help=f"sampled negatives per step (log-Q corrected) [{d.n_negatives}]",
+    )
+    g.add_argument("--temperature", type=float, default=d.temperature, help=f"[{d.temperature}]")
+    g.add_argument(
+        "--rank-alpha",
+        type=float,
+        default=d.rank_alpha,
+        help=f"weight of the in-session rank loss [{d.rank_alpha}]",
+    )
+    g.add_argument(
+        "--reveal-prob",
+        type=float,
+        default=d.reveal_prob,
+        help=f"chance a target reveals a prefix as query context [{d.reveal_prob}]",
+    )
+    g.add_argument(
+        "--no-ise-negatives",
+        action="store_true",
+        help="ablation: session tokens pool positives only",
+    )
+    g.add_argument(
+        "--no-context",
+        action="store_true",
+        help="ablation: the query token carries no request context",
+    )
+    g.add_argument("--patience", type=int, default=d.patience, help=f"[{d.patience}]")
+    g.add_argument("--time-budget", type=float, help="stop training after this many seconds")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def cmd_prepare(args) -> int:
+    from training.loaders import prepare
+
+    options: dict = {}
+    if args.path is not None:
+        options["path"] = args.path
+    if args.source == "globo":
+        options.update(
+            {
+                k: v
+                for k, v in (("max_users", args.max_users), ("max_files", args.max_files))
+                if v is not None
+            }
+        )
+    if args.source == "mind":
+        options["history"] = args.mind_history
+    if args.source == "synthetic":
+        options.update(
+            {k: v for k, v in (("n_users", args.users), ("n_items", args.items)) if v is not None}
+        )
+    ds = prepare(
+        args.source, args.out, gap_seconds=int(args.gap_minutes * 60), seed=args.seed, **options
+    )
+    print(json.dumps({"out": str(args.out), **ds.meta["counts"]}, indent=2))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from model_store.registry import Registry
+    from training.dataset import PreparedDataset
+    from training.metrics import format_table
+    from training.pipeline import train_and_save
+    from training.train import TrainConfig
+
+    cfg = TrainConfig(
+        model=args.model,
+        dim=args.dim,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        dropout=args.dropout,
+        window=args.window,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        n_negatives=args.negatives,
+        temperature=args.temperature,
+        rank_alpha=args.rank_alpha,
+        reveal_prob=args.reveal_prob,
+        use_negatives=not args.no_ise_negatives,
+        use_context=not args.no_context,
+        patience=args.patience,
+        time_budget_s=args.time_budget,
+        seed=args.seed,
+        device=args.device,
+    )
+    ds = PreparedDataset.load(args.data)
+    trained = train_and_save(
+        ds, cfg, Registry(args.registry), data_path=args.data, promote=args.promote
+    )
+    m = trained.metrics
+    print(
+        f"version {trained.version} (best epoch {m['best_epoch']}, "
+        f"{m['train_seconds']:.0f}s){' — promoted to CURRENT' if args.promote else ''}"
+    )
+    print(format_table({"val": m["val"], "test": m["test"]}))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from model_store.registry import Registry
+    from training.dataset import PreparedDataset, Split
+    from training.metrics import format_table
+    from training.pipeline import evaluate_models, write_results
+
+    ds = PreparedDataset.load(args.data)
+    split = Split[args.split.upper()]
+    rows = evaluate_models(
+        ds,
+        Registry(args.registry),
+        args.model or ["current"],
+        split=split,
+        popularity=not args.no_popularity,
+        device=args.device,
+    )
+    print(format_table(rows))
+    if args.out:
+        write_results(args.out, rows, split=split, ds=ds)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_models_list(args) -> int:
+    from model_store.registry import Registry
+
+    registry = Registry(args.registry)
+    current = registry.current()
+    for version in registry.versions():
+        print(f"{'*' if version == current else ' '} {version}")
+    return 0
+
+
+def cmd_models_promote(args) -> int:
+    from model_store.registry import Registry
+
+    registry = Registry(args.registry)
+    version = registry.resolve(args.version)
+    registry.promote(version)
+    print(f"CURRENT → {version}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from training.pipeline import run_demo
+
+    table = run_demo(args.workdir, epochs=args.epochs)
+    print("\nNext-session retrieval on synthetic data (test split):")
+    print(table)
+    print(f"\nartifacts: {args.workdir / 'artifacts'}   results: {args.workdir / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

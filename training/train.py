@@ -1,0 +1,190 @@
+"""The training loop shared by SessionRec and the SASRec-style baseline.
+
+AdamW with a short linear warm-up, gradient clipping, seeded numpy/torch generators, a tqdm bar
+with the running loss, and early stopping on validation Recall@50 (the best epoch's weights are
+restored). Runs on CUDA when present, CPU otherwise. Both models get the same budget: the same
+epochs (and optional wall-clock budget), batch size, negatives, dimension, layers and heads.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from model_store.model import ModelConfig, SessionRec
+from model_store.sasrec import SASRec, SASRecConfig
+from training.batching import BatchConfig, eval_users
+from training.dataset import PreparedDataset, Split
+from training.evaluate import evaluate
+from training.tasks import SASRecTask, SessionRecTask
+
+log = logging.getLogger(__name__)
+MODEL_KINDS = ("sessionrec", "sasrec")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "sessionrec"  # sessionrec | sasrec
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    dropout: float = 0.1
+    window: int = 64  # W: sessions per token's attention band and K/V cache
+    use_negatives: bool = True  # ISE pools shown negatives
+    use_context: bool = True  # query token carries request context
+    temperature: float = 0.05
+    epochs: int = 40
+    batch_size: int = 64  # users per step
+    lr: float = 5e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    n_negatives: int = 1024  # sampled catalogue negatives per step
+    rank_alpha: float = 0.05  # α of the in-session rank loss
+    reveal_prob: float = 0.25  # chance a target reveals a prefix of itself as query context
+    max_sessions: int = 64  # history sessions per training sequence
+    max_items: int = 50  # events pooled per session
+    max_len: int = 200  # SASRec: positives per sequence
+    patience: int = 5  # epochs without a better validation Recall@50
+    val_users: int = 2000  # validation users sampled for early stopping (0 = all)
+    time_budget_s: float | None = None  # stop after this much training time
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        if self.model not in MODEL_KINDS:
+            raise ValueError(f"model must be one of {MODEL_KINDS}, got {self.model!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    config: TrainConfig
+    best_epoch: int
+    val_metrics: dict
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def build_model(cfg: TrainConfig, ds: PreparedDataset) -> torch.nn.Module:
+    common = dict(
+        n_items=ds.n_items,
+        n_categories=ds.n_categories,
+        dim=cfg.dim,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        dropout=cfg.dropout,
+        temperature=cfg.temperature,
+    )
+    if cfg.model == "sasrec":
+        model = SASRec(SASRecConfig(**common, max_len=cfg.max_len))
+    else:
+        model = SessionRec(
+            ModelConfig(
+                **common,
+                window=cfg.window,
+                use_negatives=cfg.use_negatives,
+                use_context=cfg.use_context,
+            )
+        )
+    with torch.no_grad():
+        model.item_tower.item_category.copy_(torch.from_numpy(ds.item_category.astype(np.int64)))
+    return model
+
+
+def build_task(cfg: TrainConfig, model: torch.nn.Module, ds: PreparedDataset, device):
+    if cfg.model == "sasrec":
+        return SASRecTask(model, ds, n_negatives=cfg.n_negatives, device=device)
+    batch = BatchConfig(cfg.max_sessions, cfg.max_items, cfg.reveal_prob)
+    return SessionRecTask(
+        model, ds, batch, rank_alpha=cfg.rank_alpha, n_negatives=cfg.n_negatives, device=device
+    )
+
+
+def train(cfg: TrainConfig, ds: PreparedDataset, *, progress: bool = True) -> TrainResult:
+    """Train one model on the dataset's TRAIN sessions; early-stop on VAL Recall@50."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = resolve_device(cfg.device)
+    model = build_model(cfg, ds).to(device)
+    task = build_task(cfg, model, ds, device)
+    if not len(task.users):
+        raise ValueError("the dataset has no training targets (no user has a positive session)")
+    val = eval_users(ds, Split.VAL)
+    if cfg.val_users and len(val) > cfg.val_users:
+        val = np.sort(rng.choice(val, cfg.val_users, replace=False))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(task.users) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    )
+    best = (-1.0, 0, copy.deepcopy(model.state_dict()), {})
+    history: list[dict] = []
+    started = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        running, n = 0.0, 0
+        bar = tqdm(
+            task.batches(cfg.batch_size, rng),
+            total=steps_per_epoch,
+            disable=not progress,
+            desc=f"{cfg.model} epoch {epoch}/{cfg.epochs}",
+            leave=False,
+        )
+        for batch in bar:
+            loss, parts = task.loss(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            running, n = running + loss.item(), n + 1
+            bar.set_postfix(loss=f"{running / n:.4f}", **{k: f"{v:.3f}" for k, v in parts.items()})
+        epoch_s = time.perf_counter() - t0
+        model.eval()
+        metrics = evaluate(task, ds, Split.VAL, users=val) if len(val) else {}
+        score = float(metrics.get("recall@50") or 0.0)
+        history.append(
+            {"epoch": epoch, "loss": running / max(n, 1), "seconds": epoch_s, "val": metrics}
+        )
+        log.info(
+            "%s epoch %d loss %.4f val recall@50 %.4f (%.1fs)",
+            cfg.model,
+            epoch,
+            running / max(n, 1),
+            score,
+            epoch_s,
+        )
+        if progress:
+            tqdm.write(
+                f"{cfg.model} epoch {epoch}: loss {running / max(n, 1):.4f}  "
+                f"val recall@50 {score:.4f}  ({epoch_s:.1f}s)"
+            )
+        if score > best[0]:
+            best = (score, epoch, copy.deepcopy(model.state_dict()), metrics)
+        elif epoch - best[1] >= cfg.patience:
+            break
+        if cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s:
+            break
+    model.load_state_dict(best[2])
+    model.eval()
+    return TrainResult(model, cfg, best[1], best[3], history, time.perf_counter() - started)
