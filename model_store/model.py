@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of one SessionRec model; saved inside the artifact as JSON."""
@@ -162,9 +161,8 @@ class TimeFeatures(nn.Module):
         nn.init.normal_(self.hour_emb.weight, std=0.02)
 
     def forward(self, gap: Tensor, start: Tensor) -> Tensor:  # (n,), (n,) → (n, d)
-        return (
-            self.gap_emb(gap_bucket(gap, self.buckets))
-            + self.hour_emb(torch.remainder(start // 3600, 24))
+        return self.gap_emb(gap_bucket(gap, self.buckets)) + self.hour_emb(
+            torch.remainder(start // 3600, 24)
         )
 
 

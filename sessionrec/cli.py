@@ -11,6 +11,9 @@ import logging
 import sys
 from pathlib import Path
 
+from model_store.artifacts import ArtifactError  # stdlib only: keeps --help instant
+from model_store.registry import RegistryError
+
 DESCRIPTION = """\
 Next-session recommendation after SessionRec (arXiv 2502.10157).
 
@@ -35,14 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args) or 0
-    except (ValueError, FileNotFoundError) as exc:
+    # User mistakes and refused artifacts carry a message that says what is wrong (DatasetError
+    # is a ValueError); anything else is a bug and keeps its traceback.
+    except (ValueError, FileNotFoundError, ArtifactError, RegistryError) as exc:
         print(f"sessionrec: error: {exc}", file=sys.stderr)
         return 1
-    except Exception as exc:  # ArtifactError / RegistryError / DatasetError carry the message
-        if type(exc).__name__ in {"ArtifactError", "RegistryError", "DatasetError"}:
-            print(f"sessionrec: error: {exc}", file=sys.stderr)
-            return 1
-        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="version, unique prefix, 'current' or 'latest'; repeatable (default: current)",
     )
     p.add_argument("--split", choices=["test", "val"], default="test")
-    p.add_argument("--no-popularity", action="store_true", help="skip the popularity row")
+    p.add_argument(
+        "--no-baselines", action="store_true", help="skip the popularity and recent-items rows"
+    )
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(handler=cmd_evaluate)
@@ -157,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from training.train import TrainConfig
+    from training.config import TrainConfig
 
     d = TrainConfig()
     g = p.add_argument_group("model and training (defaults in brackets)")
@@ -238,10 +240,10 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     from model_store.registry import Registry
+    from training.config import TrainConfig
     from training.dataset import PreparedDataset
     from training.metrics import format_table
     from training.pipeline import train_and_save
-    from training.train import TrainConfig
 
     cfg = TrainConfig(
         model=args.model,
@@ -290,7 +292,7 @@ def cmd_evaluate(args) -> int:
         Registry(args.registry),
         args.model or ["current"],
         split=split,
-        popularity=not args.no_popularity,
+        baselines=not args.no_baselines,
         device=args.device,
     )
     print(format_table(rows))

@@ -95,7 +95,12 @@ def test_prepare_train_evaluate_promote(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "popularity" in table and sessionrec in table and sasrec in table
     rows = json.loads(out.read_text())["rows"]
-    assert set(rows) == {"popularity", f"sessionrec@{sessionrec}", f"sasrec@{sasrec}"}
+    assert set(rows) == {
+        "popularity",
+        "recent-items",
+        f"sessionrec@{sessionrec}",
+        f"sasrec@{sasrec}",
+    }
 
     assert main(["models", "promote", "sasrec", "--registry", str(registry)]) == 0
     assert reg.current() == sasrec

@@ -33,7 +33,9 @@ def evaluate(
     target = _target_sessions(ds, split)
     acc = MetricAccumulator()
     kmax = min(max(KS), ds.n_items)
-    for i in tqdm(range(0, len(users), batch_size), desc=desc, disable=not progress, leave=False):
+    for i in tqdm(
+        range(0, len(users), batch_size), desc=desc, disable=None if progress else True, leave=False
+    ):
         chunk = users[i : i + batch_size]
         scores = scorer.score(chunk, split)  # (B, N+1)
         top = topk_scores(scores, kmax).numpy()

@@ -16,7 +16,7 @@ from model_store.store import LoadedModel, open_model, save_model
 from training.dataset import PreparedDataset, Split
 from training.evaluate import evaluate
 from training.metrics import format_table
-from training.tasks import PopularityScorer
+from training.tasks import PopularityScorer, RecentItemsScorer
 from training.train import TrainConfig, build_task, resolve_device, train
 
 log = logging.getLogger(__name__)
@@ -87,14 +87,16 @@ def evaluate_models(
     refs: list[str],
     *,
     split: Split = Split.TEST,
-    popularity: bool = True,
+    baselines: bool = True,
     device: str = "auto",
     progress: bool = True,
 ) -> dict[str, dict]:
-    """One row per model (``kind@version``) plus the popularity baseline, same protocol."""
+    """One row per model (``kind@version``) plus the popularity and recent-items baselines,
+    all under the same protocol."""
     rows: dict[str, dict] = {}
-    if popularity:
+    if baselines:
         rows["popularity"] = evaluate(PopularityScorer(ds), ds, split)
+        rows["recent-items"] = evaluate(RecentItemsScorer(ds), ds, split)
     if refs and registry is None:
         raise ValueError("evaluating registry models needs a registry directory")
     for ref in refs:

@@ -48,6 +48,26 @@ class PopularityScorer:
         return self.by_split[split][None].expand(len(users), -1)
 
 
+class RecentItemsScorer:
+    """Re-engagement heuristic: the user's own history items, most recent first, then
+    popularity. Not a model — a reference for how much of a dataset is repeat behaviour."""
+
+    def __init__(self, ds: PreparedDataset) -> None:
+        self.ds = ds
+        self.popularity = PopularityScorer(ds)
+
+    def score(self, users: np.ndarray, split: Split) -> Tensor:
+        pop = self.popularity.score(users, split)
+        scores = (pop / pop.max().clamp(min=1.0)).clone()  # popularity in [0, 1]
+        for b, u in enumerate(users):
+            first, end, _ = history_range(self.ds, int(u), split)
+            a, z = int(self.ds.sess_offsets[first]), int(self.ds.sess_offsets[end])
+            items = torch.from_numpy(self.ds.ev_item[a:z].astype(np.int64))
+            # Later events overwrite earlier ones: the most recent occurrence sets the score.
+            scores[b, items] = 2.0 + torch.arange(len(items), dtype=torch.float32) / max(z - a, 1)
+        return scores
+
+
 class SessionRecTask:
     def __init__(
         self,

@@ -9,7 +9,6 @@ epochs (and optional wall-clock budget), batch size, negatives, dimension, layer
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 import time
@@ -22,48 +21,12 @@ from tqdm.auto import tqdm
 from model_store.model import ModelConfig, SessionRec
 from model_store.sasrec import SASRec, SASRecConfig
 from training.batching import BatchConfig, eval_users
+from training.config import TrainConfig
 from training.dataset import PreparedDataset, Split
 from training.evaluate import evaluate
 from training.tasks import SASRecTask, SessionRecTask
 
 log = logging.getLogger(__name__)
-MODEL_KINDS = ("sessionrec", "sasrec")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    model: str = "sessionrec"  # sessionrec | sasrec
-    dim: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    dropout: float = 0.1
-    window: int = 64  # W: sessions per token's attention band and K/V cache
-    use_negatives: bool = True  # ISE pools shown negatives
-    use_context: bool = True  # query token carries request context
-    temperature: float = 0.05
-    epochs: int = 40
-    batch_size: int = 64  # users per step
-    lr: float = 5e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 20
-    n_negatives: int = 1024  # sampled catalogue negatives per step
-    rank_alpha: float = 0.05  # α of the in-session rank loss
-    reveal_prob: float = 0.25  # chance a target reveals a prefix of itself as query context
-    max_sessions: int = 64  # history sessions per training sequence
-    max_items: int = 50  # events pooled per session
-    max_len: int = 200  # SASRec: positives per sequence
-    patience: int = 5  # epochs without a better validation Recall@50
-    val_users: int = 2000  # validation users sampled for early stopping (0 = all)
-    time_budget_s: float | None = None  # stop after this much training time
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-
-    def __post_init__(self) -> None:
-        if self.model not in MODEL_KINDS:
-            raise ValueError(f"model must be one of {MODEL_KINDS}, got {self.model!r}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -146,7 +109,7 @@ def train(cfg: TrainConfig, ds: PreparedDataset, *, progress: bool = True) -> Tr
         bar = tqdm(
             task.batches(cfg.batch_size, rng),
             total=steps_per_epoch,
-            disable=not progress,
+            disable=None if progress else True,
             desc=f"{cfg.model} epoch {epoch}/{cfg.epochs}",
             leave=False,
         )
@@ -174,11 +137,6 @@ def train(cfg: TrainConfig, ds: PreparedDataset, *, progress: bool = True) -> Tr
             score,
             epoch_s,
         )
-        if progress:
-            tqdm.write(
-                f"{cfg.model} epoch {epoch}: loss {running / max(n, 1):.4f}  "
-                f"val recall@50 {score:.4f}  ({epoch_s:.1f}s)"
-            )
         if score > best[0]:
             best = (score, epoch, copy.deepcopy(model.state_dict()), metrics)
         elif epoch - best[1] >= cfg.patience:

@@ -1,0 +1,47 @@
+"""Training configuration: one frozen dataclass, saved into every artifact's config.json.
+
+Kept free of torch so the command line can show its defaults without importing it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+MODEL_KINDS = ("sessionrec", "sasrec")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "sessionrec"  # sessionrec | sasrec
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    dropout: float = 0.1
+    window: int = 64  # W: sessions per token's attention band and K/V cache
+    use_negatives: bool = True  # ISE pools shown negatives
+    use_context: bool = True  # query token carries request context
+    temperature: float = 0.05
+    epochs: int = 40
+    batch_size: int = 64  # users per step
+    lr: float = 5e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    n_negatives: int = 1024  # sampled catalogue negatives per step
+    rank_alpha: float = 0.05  # α of the in-session rank loss
+    reveal_prob: float = 0.25  # chance a target reveals a prefix of itself as query context
+    max_sessions: int = 64  # history sessions per training sequence
+    max_items: int = 50  # events pooled per session
+    max_len: int = 200  # SASRec: positives per sequence
+    patience: int = 5  # epochs without a better validation Recall@50
+    val_users: int = 2000  # validation users sampled for early stopping (0 = all)
+    time_budget_s: float | None = None  # stop after this much training time
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        if self.model not in MODEL_KINDS:
+            raise ValueError(f"model must be one of {MODEL_KINDS}, got {self.model!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
