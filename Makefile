@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# torch is pinned and installed first so pip takes the machine's CPU wheel, never a CUDA build.
+# torch is pinned to 2.13.0 and installed first: on these machines pip resolves that pin to
+# the local CPU wheel; elsewhere pip picks the platform's default build (CUDA on Linux).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -23,7 +24,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 2 --dist loadfile --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

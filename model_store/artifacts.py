@@ -221,7 +221,25 @@ class Artifact:
         return self.root / name
 
     def read_bytes(self, name: str) -> bytes:
-        return self.path(name).read_bytes()
+        """The file's bytes, checked against the manifest's size and sha256 *as read*.
+
+        Loaders parse exactly these bytes, so a file swapped after `open_artifact` verified it
+        is refused here rather than loaded unverified.
+        """
+        data = self.path(name).read_bytes()
+        entry = self.manifest["files"][name]
+        if len(data) != entry["bytes"]:
+            raise ArtifactError(
+                f"file {name!r} in {self.root}: size mismatch, expected {entry['bytes']} bytes, "
+                f"read {len(data)}"
+            )
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != entry["sha256"]:
+            raise ArtifactError(
+                f"file {name!r} in {self.root}: sha256 mismatch, expected {entry['sha256']}, "
+                f"read {actual}"
+            )
+        return data
 
     def read_json(self, name: str) -> Any:
         data = self.read_bytes(name)

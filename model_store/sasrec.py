@@ -57,6 +57,8 @@ class SASRec(nn.Module):
         d = config.dim
         self.item_tower = ItemTower(config.tower_config())
         self.recency_emb = nn.Embedding(config.max_len, d)
+        # Same small init as every embedding of SessionRec: at N(0, 1) it would swamp the items.
+        nn.init.normal_(self.recency_emb.weight, std=0.02)
         self.blocks = causal_blocks(
             config.n_layers, d, config.n_heads, config.mlp_ratio, config.dropout
         )

@@ -205,7 +205,18 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="ablation: the query token carries no request context",
     )
-    g.add_argument("--patience", type=int, default=d.patience, help=f"[{d.patience}]")
+    g.add_argument(
+        "--patience",
+        type=int,
+        default=d.patience,
+        help=f"epochs without a better validation Recall@50 before stopping [{d.patience}]",
+    )
+    g.add_argument(
+        "--min-epochs",
+        type=int,
+        default=d.min_epochs,
+        help=f"never stop before this many epochs [{d.min_epochs}]",
+    )
     g.add_argument("--time-budget", type=float, help="stop training after this many seconds")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -262,6 +273,7 @@ def cmd_train(args) -> int:
         use_negatives=not args.no_ise_negatives,
         use_context=not args.no_context,
         patience=args.patience,
+        min_epochs=args.min_epochs,
         time_budget_s=args.time_budget,
         seed=args.seed,
         device=args.device,

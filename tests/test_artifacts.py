@@ -234,3 +234,12 @@ def test_add_files_after_interrupted_add(artifact: Path, tmp_path: Path) -> None
     src.write_text('{"ok": true}')
     add_files(artifact, {"metrics.json": src})
     assert open_artifact(artifact).read_json("metrics.json") == {"ok": True}
+
+
+def test_read_bytes_refuses_a_file_changed_after_verification(tmp_path):
+    with ArtifactWriter(tmp_path / "v1", version="v1", kind="test") as w:
+        w.write_bytes("weights.bin", b"original")
+    artifact = open_artifact(tmp_path / "v1")  # verified now
+    (tmp_path / "v1" / "weights.bin").write_bytes(b"swapped!")  # same size, different bytes
+    with pytest.raises(ArtifactError, match="weights.bin.*sha256 mismatch"):
+        artifact.read_bytes("weights.bin")

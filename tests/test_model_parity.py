@@ -190,3 +190,67 @@ def test_mask_never_lets_a_token_see_a_query_or_padding():
     assert not mask[0, 3, :3].any()  # the cold-start query sees no session
     assert mask[0, 5, :2].all() and not mask[0, 5, 2]  # padding session 2 is never seen
     assert not mask[1, 3:, :3].any()  # a user without history: queries see no session
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+@torch.inference_mode()
+def test_history_beyond_layers_times_window_changes_nothing(layers):
+    """An interest vector depends on exactly the last n_layers·W sessions: a recompute over
+    them equals one over the full history, and one session fewer does not."""
+    W = 3
+    model = make_model(window=W, layers=layers)
+    T, field = 17, layers * W
+    sessions, lens, queries = random_history([T], 16)
+    full = reference(model, sessions, lens, queries)
+    tail = sessions[:, T - field :]
+    got = reference(model, tail, torch.tensor([field]), queries)
+    torch.testing.assert_close(got, full, atol=ATOL, rtol=0)
+    cache_full, cache_tail = (
+        model.prefill(sessions, lens),
+        model.prefill(tail, torch.tensor([field])),
+    )
+    # The cached K/V of the last W sessions need (n_layers - 1)·W sessions before them.
+    for got_kv, want_kv in zip(cache_tail.user(0), cache_full.user(0), strict=True):
+        torch.testing.assert_close(got_kv, want_kv, atol=ATOL, rtol=0)
+    short = sessions[:, T - field + 1 :]
+    assert (reference(model, short, torch.tensor([field - 1]), queries) - full).abs().max() > 1e-5
+
+
+@torch.inference_mode()
+def test_training_forward_with_real_tokens_equals_serving_path():
+    """The training path — encoded sessions, several query tokens per user with time and
+    in-session context, one forward — equals serving each query by prefill + step."""
+    model = make_model(window=3, layers=2)
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.tensor([5, 2])
+    n = int(lengths.sum())
+    per_session = torch.randint(1, 5, (n,), generator=g)
+    segment = torch.repeat_interleave(torch.arange(n), per_session)
+    items = torch.randint(1, 51, (len(segment),), generator=g)
+    labels = torch.randint(0, 2, (len(segment),), generator=g)
+    gap = torch.rand(n, generator=g) * 1e5
+    start = torch.randint(1_600_000_000, 1_700_000_000, (n,), generator=g)
+    tokens = pad_tokens(
+        model.encode_sessions(Sessions(items, labels, segment, gap, start, n)), lengths
+    )
+    # Three queries per user at positions 0 (cold start), 1 and len; two carry context.
+    query_pos = torch.tensor([[0, 1, 5], [0, 1, 2]])
+    ctx_seg = torch.tensor([1, 1, 4])
+    context = Sessions(
+        torch.tensor([7, 9, 11]),
+        torch.tensor([1, 0, 1]),
+        ctx_seg,
+        torch.zeros(6),
+        torch.zeros(6, dtype=torch.long),
+        6,
+    )
+    q_gap = torch.rand(6, generator=g) * 1e4
+    q_start = torch.randint(1_600_000_000, 1_700_000_000, (6,), generator=g)
+    queries = model.encode_queries(q_gap, q_start, context)  # (6, d)
+    trained = model(tokens, lengths, queries.view(2, 3, -1), query_pos).reshape(6, -1)
+    for b in range(2):
+        for j in range(3):
+            p = int(query_pos[b, j])
+            cache = model.prefill(tokens[b : b + 1, : max(p, 1)], torch.tensor([p]))
+            served, _ = model.step(queries[b * 3 + j : b * 3 + j + 1], cache, append=False)
+            torch.testing.assert_close(served[0], trained[b * 3 + j], atol=ATOL, rtol=0)

@@ -250,3 +250,38 @@ def test_both_models_train_and_evaluate_end_to_end_on_real_data(source, tmp_path
         assert metrics["users"] == len(eval_users(data, Split.TEST)) > 0
         assert 0.0 <= metrics["recall@50"] <= metrics["recall@100"] <= 1.0
         assert metrics["auc"] is not None  # both datasets have shown negatives
+
+
+def test_early_stopping_restores_the_best_validation_epoch(ds):
+    cfg = TrainConfig(**{**TINY.to_dict(), "epochs": 6, "patience": 1, "min_epochs": 1, "lr": 0.05})
+    result = train(cfg, ds, progress=False)
+    recalls = [h["val"]["recall@50"] for h in result.history]
+    assert result.best_epoch == 1 + int(np.argmax(recalls))
+    # Stopped one epoch after the best stopped improving (or ran out of epochs).
+    assert len(recalls) == min(cfg.epochs, result.best_epoch + cfg.patience)
+    task = build_task(cfg, result.model, ds, torch.device("cpu"))
+    again = evaluate(task, ds, Split.VAL)  # every VAL user was used (val_users >= their count)
+    assert again["recall@50"] == pytest.approx(result.val_metrics["recall@50"])
+
+
+def test_without_validation_users_training_keeps_the_last_epoch():
+    data = prepare("synthetic", n_users=40, n_items=60, n_topics=4, sessions_per_user=3.0)
+    # Drop every held-out session from the split: nobody has VAL/TEST.
+    from dataclasses import replace
+
+    data = replace(data, sess_split=np.zeros_like(data.sess_split))
+    result = train(
+        TrainConfig(**{**TINY.to_dict(), "epochs": 3, "patience": 1}), data, progress=False
+    )
+    assert result.best_epoch == 3 and len(result.history) == 3
+
+
+def test_evaluating_on_a_differently_split_dataset_is_refused(ds, tmp_path):
+    from dataclasses import replace
+
+    registry = Registry(tmp_path / "artifacts")
+    cfg = TrainConfig(**{**TINY.to_dict(), "epochs": 1})
+    train_and_save(ds, cfg, registry, promote=True, progress=False)
+    resplit = replace(ds, sess_split=np.zeros_like(ds.sess_split))  # same items, other split
+    with pytest.raises(ValueError, match="different prepared dataset"):
+        evaluate_models(resplit, registry, ["current"], progress=False)

@@ -30,10 +30,13 @@ class TrainConfig:
     n_negatives: int = 1024  # sampled catalogue negatives per step
     rank_alpha: float = 0.05  # α of the in-session rank loss
     reveal_prob: float = 0.25  # chance a target reveals a prefix of itself as query context
-    max_sessions: int = 64  # history sessions per training sequence
+    # History sessions per sequence; None = n_layers·window, the model's exact receptive
+    # field (see `history_sessions`).
+    max_sessions: int | None = None
     max_items: int = 50  # events pooled per session
     max_len: int = 200  # SASRec: positives per sequence
-    patience: int = 5  # epochs without a better validation Recall@50
+    patience: int = 5  # epochs without a better validation Recall@50 ...
+    min_epochs: int = 10  # ... counted only after this many (validation is ~0 at first)
     val_users: int = 2000  # validation users sampled for early stopping (0 = all)
     time_budget_s: float | None = None  # stop after this much training time
     seed: int = 0
@@ -42,6 +45,23 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.model not in MODEL_KINDS:
             raise ValueError(f"model must be one of {MODEL_KINDS}, got {self.model!r}")
+        if self.max_sessions is not None and self.max_sessions < self.receptive_field:
+            raise ValueError(
+                f"max_sessions={self.max_sessions} is shorter than the model's receptive field "
+                f"n_layers·window = {self.receptive_field}: training and evaluation would see "
+                "less history than the cached serving path"
+            )
+
+    @property
+    def receptive_field(self) -> int:
+        """Sessions an interest vector depends on: each of the n_layers banded-attention layers
+        reaches ``window`` sessions further back, so older sessions change nothing."""
+        return self.n_layers * self.window
+
+    @property
+    def history_sessions(self) -> int:
+        """Sessions of history each training sequence / evaluation query gets."""
+        return self.max_sessions if self.max_sessions is not None else self.receptive_field
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

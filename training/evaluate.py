@@ -33,6 +33,7 @@ def evaluate(
     target = _target_sessions(ds, split)
     acc = MetricAccumulator()
     kmax = min(max(KS), ds.n_items)
+    ks = tuple(k for k in KS if k <= kmax) or (kmax,)  # a tiny catalogue: K = its size
     for i in tqdm(
         range(0, len(users), batch_size), desc=desc, disable=None if progress else True, leave=False
     ):
@@ -44,7 +45,7 @@ def evaluate(
             items, labels = ds.session(int(target[u]))
             positives.append(items[labels > 0])
             negatives.append(items[labels == 0])
-        acc.add(retrieval_metrics(top, positives, ks=tuple(k for k in KS if k <= kmax)))
+        acc.add(retrieval_metrics(top, positives, ks=ks))
         for b, (pos, neg) in enumerate(zip(positives, negatives, strict=True)):
             if len(pos) and len(neg):
                 row = scores[b].numpy()

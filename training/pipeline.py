@@ -3,6 +3,7 @@ and the demo that does all of it on synthetic data."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -29,8 +30,20 @@ class TrainedVersion:
     metrics: dict
 
 
+def dataset_fingerprint(ds: PreparedDataset) -> str:
+    """sha256 over the ids, sessions, events and split: two datasets with the same fingerprint
+    hold the same sessions in the same split, so a model's TEST sessions stay unseen."""
+    h = hashlib.sha256()
+    for ids in (ds.user_ids, ds.item_ids):
+        h.update(json.dumps(ids).encode())
+    for array in (ds.user_offsets, ds.sess_offsets, ds.sess_split, ds.ev_item, ds.ev_label):
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
 def dataset_summary(ds: PreparedDataset, path: Path | None) -> dict:
     return {
+        "fingerprint": dataset_fingerprint(ds),
         "path": str(path) if path else None,
         "source": ds.meta.get("source"),
         "counts": ds.meta.get("counts"),
@@ -72,7 +85,15 @@ def train_and_save(
 
 
 def check_compatible(loaded: LoadedModel, ds: PreparedDataset) -> None:
-    """A model scores a dataset only if both index items the same way."""
+    """A model is evaluated only on the exact prepared dataset it was trained on: a different
+    split of the same log could put its training sessions into TEST."""
+    trained_on = loaded.config.get("data", {}).get("fingerprint")
+    if trained_on is not None and trained_on != dataset_fingerprint(ds):
+        raise ValueError(
+            f"model {loaded.version} was trained on a different prepared dataset "
+            f"(fingerprint {trained_on[:12]}…, this one {dataset_fingerprint(ds)[:12]}…): "
+            "evaluate it on the dataset it was trained on"
+        )
     if loaded.item_ids != ds.item_ids:
         raise ValueError(
             f"model {loaded.version} was trained on a different item catalogue "

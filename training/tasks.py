@@ -62,9 +62,13 @@ class RecentItemsScorer:
         for b, u in enumerate(users):
             first, end, _ = history_range(self.ds, int(u), split)
             a, z = int(self.ds.sess_offsets[first]), int(self.ds.sess_offsets[end])
-            items = torch.from_numpy(self.ds.ev_item[a:z].astype(np.int64))
-            # Later events overwrite earlier ones: the most recent occurrence sets the score.
-            scores[b, items] = 2.0 + torch.arange(len(items), dtype=torch.float32) / max(z - a, 1)
+            # Most recent occurrence of each item: dedupe the reversed history, keep first.
+            newest_first = self.ds.ev_item[a:z][::-1]
+            items, first = np.unique(newest_first, return_index=True)
+            recency = 1.0 - first / max(z - a, 1)  # newest → 1, oldest → ~0
+            scores[b, torch.from_numpy(items.astype(np.int64))] = torch.from_numpy(
+                2.0 + recency
+            ).float()
         return scores
 
 

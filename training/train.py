@@ -76,7 +76,7 @@ def build_model(cfg: TrainConfig, ds: PreparedDataset) -> torch.nn.Module:
 def build_task(cfg: TrainConfig, model: torch.nn.Module, ds: PreparedDataset, device):
     if cfg.model == "sasrec":
         return SASRecTask(model, ds, n_negatives=cfg.n_negatives, device=device)
-    batch = BatchConfig(cfg.max_sessions, cfg.max_items, cfg.reveal_prob)
+    batch = BatchConfig(cfg.history_sessions, cfg.max_items, cfg.reveal_prob)
     return SessionRecTask(
         model, ds, batch, rank_alpha=cfg.rank_alpha, n_negatives=cfg.n_negatives, device=device
     )
@@ -99,6 +99,16 @@ def train(cfg: TrainConfig, ds: PreparedDataset, *, progress: bool = True) -> Tr
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
     )
+    # Early stopping needs a validation Recall@50: users with a VAL session and >= 50 items.
+    early_stopping = len(val) > 0 and ds.n_items >= 50
+    if not early_stopping:
+        log.warning(
+            "no validation signal (%d VAL users, %d items): training all %d epochs and keeping "
+            "the last weights",
+            len(val),
+            ds.n_items,
+            cfg.epochs,
+        )
     best = (-1.0, 0, copy.deepcopy(model.state_dict()), {})
     history: list[dict] = []
     started = time.perf_counter()
@@ -125,7 +135,8 @@ def train(cfg: TrainConfig, ds: PreparedDataset, *, progress: bool = True) -> Tr
         epoch_s = time.perf_counter() - t0
         model.eval()
         metrics = evaluate(task, ds, Split.VAL, users=val) if len(val) else {}
-        score = float(metrics.get("recall@50") or 0.0)
+        # Without a validation metric the newest epoch counts as the best.
+        score = float(metrics["recall@50"]) if early_stopping else float(epoch)
         history.append(
             {"epoch": epoch, "loss": running / max(n, 1), "seconds": epoch_s, "val": metrics}
         )
@@ -134,12 +145,12 @@ def train(cfg: TrainConfig, ds: PreparedDataset, *, progress: bool = True) -> Tr
             cfg.model,
             epoch,
             running / max(n, 1),
-            score,
+            metrics.get("recall@50", float("nan")),
             epoch_s,
         )
         if score > best[0]:
             best = (score, epoch, copy.deepcopy(model.state_dict()), metrics)
-        elif epoch - best[1] >= cfg.patience:
+        elif epoch >= cfg.min_epochs and epoch - best[1] >= cfg.patience:
             break
         if cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s:
             break
