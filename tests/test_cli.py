@@ -27,25 +27,14 @@ def test_help_explains_every_command():
     assert "--rank-alpha" in train_help and "--window" in train_help
 
 
+def prepare_synthetic(data, *, users: int, items: int) -> int:
+    argv = ["data", "prepare", "--source", "synthetic", "--out", str(data)]
+    return main([*argv, "--users", str(users), "--items", str(items)])
+
+
 def test_prepare_train_evaluate_promote(tmp_path, capsys):
     data, registry = tmp_path / "data", tmp_path / "artifacts"
-    assert (
-        main(
-            [
-                "data",
-                "prepare",
-                "--source",
-                "synthetic",
-                "--out",
-                str(data),
-                "--users",
-                "120",
-                "--items",
-                "150",
-            ]
-        )
-        == 0
-    )
+    assert prepare_synthetic(data, users=120, items=150) == 0
     counts = json.loads(capsys.readouterr().out)
     assert counts["n_users"] == 120 and counts["n_test"] > 0
 
@@ -123,20 +112,7 @@ def test_user_errors_exit_1_with_a_message(argv, message, capsys):
 
 def test_evaluate_without_a_current_model_says_how_to_get_one(tmp_path, capsys):
     data = tmp_path / "data"
-    main(
-        [
-            "data",
-            "prepare",
-            "--source",
-            "synthetic",
-            "--out",
-            str(data),
-            "--users",
-            "60",
-            "--items",
-            "80",
-        ]
-    )
+    prepare_synthetic(data, users=60, items=80)
     capsys.readouterr()
     assert main(["evaluate", "--data", str(data), "--registry", str(tmp_path / "empty")]) == 1
     assert "current" in capsys.readouterr().err

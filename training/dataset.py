@@ -434,6 +434,11 @@ def _check_counts(ds: PreparedDataset, path: Path) -> None:
         "n_items": ds.n_items,
         "n_sessions": ds.n_sessions,
         "n_events": ds.n_events,
+        "n_categories": ds.n_categories,
+        "n_positive": int((ds.ev_label > 0).sum()),
+        "n_negative": int((ds.ev_label == 0).sum()),
+        "n_val": int((ds.sess_split == Split.VAL).sum()),
+        "n_test": int((ds.sess_split == Split.TEST).sum()),
     }
     for key, value in actual.items():
         if key in counts and counts[key] != value:
