@@ -91,6 +91,14 @@ def test_prepare_train_evaluate_promote(tmp_path, capsys):
         f"sasrec@{sasrec}",
     }
 
+    assert main(["index", "build", "--registry", str(registry), "--kind", "ivf"]) == 0
+    out_text = capsys.readouterr().out
+    assert f"{sessionrec}: ivf index over 150 items" in out_text and "recall@100" in out_text
+    assert "item_index.faiss" in reg.open("current").files
+    # A published version's index never changes: a second build is refused with a message.
+    assert main(["index", "build", "--registry", str(registry)]) == 1
+    assert "already listed" in capsys.readouterr().err
+
     assert main(["models", "promote", "sasrec", "--registry", str(registry)]) == 0
     assert reg.current() == sasrec
     assert main(["models", "list", "--registry", str(registry)]) == 0

@@ -1,0 +1,45 @@
+"""FAISS index over item vectors: build/tune/save/load (``build``) and search (``search``)."""
+
+from index.build import (
+    INDEX_FILE,
+    INDEX_META_FILE,
+    IndexConfig,
+    IndexKind,
+    IndexLoadError,
+    IndexMeta,
+    add_index_to_artifact,
+    build_index,
+    exact_search,
+    index_meta,
+    load_index,
+    load_index_from_artifact,
+    recall_at_k,
+    sample_queries,
+    save_index,
+    tune_nprobe,
+)
+from index.search import GPU_MAX_K, ItemIndex, SearchParams, SearchResult, report
+
+__all__ = [
+    "GPU_MAX_K",
+    "INDEX_FILE",
+    "INDEX_META_FILE",
+    "IndexConfig",
+    "IndexKind",
+    "IndexLoadError",
+    "IndexMeta",
+    "ItemIndex",
+    "SearchParams",
+    "SearchResult",
+    "add_index_to_artifact",
+    "build_index",
+    "exact_search",
+    "index_meta",
+    "load_index",
+    "load_index_from_artifact",
+    "recall_at_k",
+    "report",
+    "sample_queries",
+    "save_index",
+    "tune_nprobe",
+]
