@@ -21,7 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.numpy import load as load_numpy
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -117,6 +119,14 @@ def load_model(artifact: Artifact, *, device: str | torch.device = "cpu") -> Loa
         item_vectors=vectors.float(),
         metrics=artifact.read_json(METRICS),
     )
+
+
+def read_item_vectors(artifact: Artifact) -> np.ndarray:
+    """The (N, d) float32 item vectors of a model artifact, checksum-verified, as numpy."""
+    vectors = load_numpy(artifact.read_bytes(ITEM_VECTORS)).get("vectors")
+    if vectors is None or vectors.ndim != 2:
+        raise ArtifactError(f"{artifact.root / ITEM_VECTORS}: no (N, d) 'vectors' tensor")
+    return vectors
 
 
 def open_model(registry_root: Path, ref: str = "current", *, device="cpu") -> LoadedModel:

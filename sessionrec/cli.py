@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--users", type=int, default=2000, help="synthetic users [2000]")
+    p.add_argument("--items", type=int, default=2000, help="synthetic items [2000]")
     p.set_defaults(handler=cmd_demo)
     return parser
 
@@ -368,8 +370,6 @@ def cmd_models_promote(args) -> int:
 
 
 def cmd_index_build(args) -> int:
-    from safetensors.numpy import load as load_safetensors
-
     from index import (
         IndexConfig,
         IndexKind,
@@ -380,12 +380,12 @@ def cmd_index_build(args) -> int:
         sample_queries,
     )
     from model_store.registry import Registry
-    from model_store.store import ITEM_VECTORS
+    from model_store.store import read_item_vectors
 
     registry = Registry(args.registry)
     version = registry.resolve(args.model)
     artifact = registry.open(version)
-    vectors = load_safetensors(artifact.read_bytes(ITEM_VECTORS))["vectors"]
+    vectors = read_item_vectors(artifact)
     config = IndexConfig(
         kind=IndexKind(args.kind), nprobe=args.nprobe, recall_target=args.recall_target
     )
@@ -408,7 +408,7 @@ def cmd_index_build(args) -> int:
 def cmd_demo(args) -> int:
     from training.pipeline import run_demo
 
-    table = run_demo(args.workdir, epochs=args.epochs)
+    table = run_demo(args.workdir, epochs=args.epochs, n_users=args.users, n_items=args.items)
     print("\nNext-session retrieval on synthetic data (test split):")
     print(table)
     print(f"\nartifacts: {args.workdir / 'artifacts'}   results: {args.workdir / 'results.json'}")

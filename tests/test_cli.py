@@ -124,3 +124,17 @@ def test_evaluate_without_a_current_model_says_how_to_get_one(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", "--data", str(data), "--registry", str(tmp_path / "empty")]) == 1
     assert "current" in capsys.readouterr().err
+
+
+def test_demo_trains_both_models_indexes_the_promoted_one_and_prints_the_table(tmp_path, capsys):
+    workdir = tmp_path / "demo"
+    argv = ["demo", "--workdir", str(workdir), "--epochs", "1", "--users", "80", "--items", "90"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for row in ("popularity", "recent-items", "sessionrec@", "sasrec@"):
+        assert row in out
+    reg = Registry(workdir / "artifacts")
+    assert len(reg.versions()) == 2
+    current = reg.open("current")
+    assert current.kind == "sessionrec" and "item_index.faiss" in current.files
+    assert json.loads((workdir / "results.json").read_text())["split"] == "test"

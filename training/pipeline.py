@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from model_store.registry import Registry
-from model_store.store import LoadedModel, open_model, save_model
+from model_store.store import LoadedModel, open_model, read_item_vectors, save_model
 from training.dataset import PreparedDataset, Split
 from training.evaluate import evaluate
 from training.metrics import format_table
@@ -137,12 +137,21 @@ def write_results(path: Path, rows: dict[str, dict], *, split: Split, ds: Prepar
     path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default))
 
 
-def run_demo(workdir: Path, *, epochs: int = 8, progress: bool = True) -> str:
-    """Synthetic data → SessionRec and SASRec-style models → side-by-side table (returned)."""
+def run_demo(
+    workdir: Path,
+    *,
+    epochs: int = 8,
+    n_users: int = 2000,
+    n_items: int = 2000,
+    progress: bool = True,
+) -> str:
+    """Synthetic data → SessionRec and SASRec-style models → side-by-side table (returned);
+    the promoted SessionRec version also gets its FAISS item index."""
+    from index import IndexConfig, add_index_to_artifact, build_index
     from training.loaders import prepare
 
     data_dir, registry = workdir / "data" / "synthetic", Registry(workdir / "artifacts")
-    ds = prepare("synthetic", data_dir)
+    ds = prepare("synthetic", data_dir, n_users=n_users, n_items=n_items)
     log.info("prepared synthetic data at %s: %s", data_dir, ds.meta["counts"])
     refs = []
     for kind in ("sessionrec", "sasrec"):
@@ -155,6 +164,11 @@ def run_demo(workdir: Path, *, epochs: int = 8, progress: bool = True) -> str:
             progress=progress,
         )
         refs.append(trained.version)
+    current = registry.open("current")
+    meta = add_index_to_artifact(
+        current.root, build_index(read_item_vectors(current), IndexConfig())
+    )
+    log.info("built a %s index over %d items for %s", meta.kind, meta.n, current.version)
     rows = evaluate_models(ds, registry, refs, progress=progress)
     write_results(workdir / "results.json", rows, split=Split.TEST, ds=ds)
     return format_table(rows)
