@@ -16,6 +16,10 @@ truth: a K/V write is a compare-and-set on the sequence number, so a cache compu
 older log can never overwrite a newer one, and a reader that sees ``kv.log_seq != seq`` knows
 the cache is stale. Session ids are remembered for ``max_ids`` sessions (default 4× the log)
 so a late duplicate of an evicted session is still recognised for a long while.
+
+Sizing: a cache rebuilt from the log is exact only when the log holds the model's whole
+receptive field, ``n_layers · window`` sessions (model_store/model.py) — set ``max_sessions``
+to at least that.
 """
 
 from __future__ import annotations
