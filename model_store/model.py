@@ -147,6 +147,13 @@ class ItemTower(nn.Module):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()  # padding
 
+    def vectors(self, items: Tensor | None = None) -> Tensor:
+        """L2-normalised retrieval vectors of ``items``; all items 1..N by default."""
+        if items is None:
+            n = self.item_emb.num_embeddings - 1
+            items = torch.arange(1, n + 1, device=self.item_emb.weight.device)
+        return F.normalize(self(items), dim=-1)
+
     def forward(self, items: Tensor) -> Tensor:  # (...,) long → (..., d)
         x = self.item_emb(items)
         if self.cat_emb is not None:
@@ -254,9 +261,7 @@ class SessionRec(nn.Module):
 
     def item_vectors(self, items: Tensor | None = None) -> Tensor:
         """L2-normalised retrieval vectors; all items 1..N (row i = item i+1) by default."""
-        if items is None:
-            items = torch.arange(1, self.config.n_items + 1, device=self.next_emb.device)
-        return F.normalize(self.item_tower(items), dim=-1)
+        return self.item_tower.vectors(items)
 
     def encode_sessions(self, s: Sessions) -> Tensor:
         """Closed sessions → session tokens (n, d)."""

@@ -66,9 +66,7 @@ class SASRec(nn.Module):
         self.head = nn.Linear(d, d)
 
     def item_vectors(self, items: Tensor | None = None) -> Tensor:
-        if items is None:
-            items = torch.arange(1, self.config.n_items + 1, device=self.head.weight.device)
-        return F.normalize(self.item_tower(items), dim=-1)
+        return self.item_tower.vectors(items)
 
     def forward(self, items: Tensor) -> Tensor:
         """Left-padded item sequences (B, L) → normalised next-item vectors at every position."""

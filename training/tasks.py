@@ -103,11 +103,12 @@ class SessionRecTask:
         b = batch.to(self.device)
         model, tau = self.model, self.model.config.temperature
         users = self.user_vectors(b)  # (B*Q, d)
+        pos_vecs = model.item_vectors(b.pos_item)  # (P, d), shared by both losses
         negs = self.sampler.sample(self.n_negatives).to(self.device)
         retrieval = sampled_softmax(
             users,
             b.pos_query,
-            model.item_vectors(b.pos_item),
+            pos_vecs,
             b.pos_item,
             model.item_vectors(negs),
             negs,
@@ -116,7 +117,7 @@ class SessionRecTask:
         )
         loss, parts = retrieval, {"retrieval": retrieval.item()}
         if self.rank_alpha > 0 and b.neg_item.numel():
-            pos_s = (users[b.pos_query] * model.item_vectors(b.pos_item)).sum(-1) / tau
+            pos_s = (users[b.pos_query] * pos_vecs).sum(-1) / tau
             neg_s = (users[b.neg_query] * model.item_vectors(b.neg_item)).sum(-1) / tau
             rank = pairwise_rank(pos_s, b.pos_query, neg_s, b.neg_query, b.n_queries)
             loss = loss + self.rank_alpha * rank
