@@ -17,10 +17,12 @@ model with another catalogue can rebuild from the same log)::
     n_items × (label u8, item_id u16 length + UTF-8)
 
 **K/V cache** (per-layer keys/values of the last W sessions, tagged with the model version and
-the log sequence number it was built from, so a stale cache is detected on read)::
+the log sequence number it was built from, so a stale cache is detected on read; the end time
+of the newest cached session rides along so a recommendation needs no read of the log)::
 
     model_version  u16 length + UTF-8
     log_seq        u64
+    last_ended_at  i64 Unix seconds (ended_at of the newest session in the cache)
     dtype          u8    (1 = float32, 2 = float16)
     shape          4 × u32   (L, H, n, Dh)
     payload        K then V, little-endian, C order
@@ -41,7 +43,7 @@ MAGIC = b"SRST"
 FORMAT_VERSION = 1
 _HEADER = struct.Struct("<4sHBB")
 _SESSION_FIXED = struct.Struct("<qqI")
-_KV_FIXED = struct.Struct("<QB4I")
+_KV_FIXED = struct.Struct("<QqB4I")
 MAX_ID_BYTES = 0xFFFF
 
 
@@ -82,6 +84,7 @@ class SessionRecord:
 class KVState:
     model_version: str
     log_seq: int  # the session-log sequence number this cache reflects
+    last_ended_at: int  # ended_at of the newest cached session (the query's time gap)
     k: np.ndarray  # (L, H, n, Dh)
     v: np.ndarray  # (L, H, n, Dh)
 
@@ -117,7 +120,7 @@ def encode_kv(state: KVState, dtype: KVDType = KVDType.FLOAT32) -> bytes:
     if state.k.shape != state.v.shape or state.k.ndim != 4:
         raise ValueError(f"k {state.k.shape} and v {state.v.shape} must be equal (L, H, n, Dh)")
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, RecordKind.KV, 0)
-    fixed = _KV_FIXED.pack(state.log_seq, dtype, *state.k.shape)
+    fixed = _KV_FIXED.pack(state.log_seq, state.last_ended_at, dtype, *state.k.shape)
     payload = [np.ascontiguousarray(x, dtype=dtype.numpy).tobytes() for x in (state.k, state.v)]
     return b"".join([header, _pack_str(state.model_version), fixed, *payload])
 
@@ -125,7 +128,7 @@ def encode_kv(state: KVState, dtype: KVDType = KVDType.FLOAT32) -> bytes:
 def decode_kv(data: bytes) -> KVState:
     reader = _Reader(data, RecordKind.KV)
     model_version = reader.string()
-    log_seq, dtype_code, *shape = reader.unpack(_KV_FIXED)
+    log_seq, last_ended_at, dtype_code, *shape = reader.unpack(_KV_FIXED)
     try:
         dtype = KVDType(dtype_code)
     except ValueError:
@@ -135,7 +138,9 @@ def decode_kv(data: bytes) -> KVState:
     k = np.frombuffer(reader.take(nbytes), dtype=dtype.numpy).reshape(shape)
     v = np.frombuffer(reader.take(nbytes), dtype=dtype.numpy).reshape(shape)
     reader.end()
-    return KVState(model_version, log_seq, k.astype(np.float32), v.astype(np.float32))
+    return KVState(
+        model_version, log_seq, last_ended_at, k.astype(np.float32), v.astype(np.float32)
+    )
 
 
 def _pack_str(text: str) -> bytes:

