@@ -25,7 +25,7 @@ from service.middleware import BodyTooLarge, RequestIdFilter, ServiceMiddleware
 from service.recommender import Recommender
 from service.routes import admin, ops, recommend, sessions, users
 from service.runner import load_generation
-from service.settings import Settings
+from service.settings import KVStorage, Settings
 from service.state import KVDType
 from service.store import RedisStateStore
 
@@ -50,12 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("embedded redis-server at %s (data in %s)", url, s.data_dir)
         client = redis_client(s, url)
         try:
-            store = RedisStateStore(
-                client,
-                max_sessions=s.log_sessions,
-                ttl_seconds=s.ttl_seconds or None,
-                kv_dtype=KVDType.FLOAT16 if s.kv_storage.value == "float16" else KVDType.FLOAT32,
-            )
+            store = state_store(s, client)
             try:
                 await store.load_scripts()
             except (RedisError, OSError) as exc:
@@ -113,6 +108,13 @@ def redis_client(s: Settings, url: str) -> Redis | RedisCluster:
         url, max_connections=s.redis_pool_size, timeout=timeout, **common
     )
     return Redis(connection_pool=pool)
+
+
+def state_store(s: Settings, client: Redis | RedisCluster) -> RedisStateStore:
+    dtype = KVDType.FLOAT16 if s.kv_storage is KVStorage.FLOAT16 else KVDType.FLOAT32
+    return RedisStateStore(
+        client, max_sessions=s.log_sessions, ttl_seconds=s.ttl_seconds or None, kv_dtype=dtype
+    )
 
 
 def configure_logging(level: str) -> None:

@@ -180,17 +180,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_index_build)
 
     p = sub.add_parser(
+        "backfill",
+        help="load users' histories from a prepared dataset into Redis (with warm caches)",
+        description="Append every user's sessions to the Redis session log (the same atomic, "
+        "idempotent script the service uses; pipelined) and build their K/V caches with the "
+        "served model (batched prefill). Re-running it changes nothing. Without --redis-url "
+        "it uses the embedded Redis under --data-dir, which must not be serving at the time.",
+    )
+    p.add_argument("--data", type=Path, required=True, help="prepared dataset directory")
+    _add_state_options(p)
+    p.add_argument("--users", type=int, help="only the first N users [all]")
+    p.add_argument(
+        "--holdout",
+        choices=["none", "val", "test"],
+        default="none",
+        help="keep each user's sessions from this held-out session on out of Redis [none]",
+    )
+    p.add_argument("--chunk", type=int, default=256, help="users per pipelined batch [256]")
+    p.set_defaults(handler=cmd_backfill)
+
+    p = sub.add_parser(
+        "serve",
+        help="run the HTTP service",
+        description="Serve POST /recommend/session and the rest of the API (OpenAPI at /docs). "
+        "Every setting is also an environment variable SESSIONREC_<NAME> (see the README); "
+        "flags given here win. Without --redis-url an embedded redis-server persists under "
+        "--data-dir.",
+    )
+    _add_serve_options(p)
+    _add_state_options(p)
+    p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser(
         "demo",
-        help="synthetic data → SessionRec + SASRec-style + popularity → table",
+        help="synthetic data → models → index → embedded Redis → backfill → serve",
         description="Prepare synthetic data, train SessionRec (promoted) and the SASRec-style "
-        "baseline, and print the side-by-side evaluation table.",
+        "baseline, print the side-by-side evaluation table, build the FAISS index, backfill "
+        "every user into an embedded Redis and serve, printing a ready-to-paste curl.",
     )
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--users", type=int, default=2000, help="synthetic users [2000]")
     p.add_argument("--items", type=int, default=2000, help="synthetic items [2000]")
+    p.add_argument("--no-serve", action="store_true", help="stop after the table and backfill")
+    _add_serve_options(p)
     p.set_defaults(handler=cmd_demo)
     return parser
+
+
+def _add_serve_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="bind address [127.0.0.1]")
+    p.add_argument("--port", type=int, default=8000, help="port [8000]")
+
+
+def _add_state_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--registry", type=Path, help="model registry [SESSIONREC_REGISTRY or artifacts]"
+    )
+    p.add_argument("--model", help="version to serve [SESSIONREC_MODEL_REF or current]")
+    p.add_argument("--redis-url", help="Redis URL [SESSIONREC_REDIS_URL or embedded]")
+    p.add_argument(
+        "--data-dir", type=Path, help="embedded Redis data [SESSIONREC_DATA_DIR or runs/serve]"
+    )
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -412,7 +463,111 @@ def cmd_demo(args) -> int:
     print("\nNext-session retrieval on synthetic data (test split):")
     print(table)
     print(f"\nartifacts: {args.workdir / 'artifacts'}   results: {args.workdir / 'results.json'}")
+    settings = _settings(
+        registry=args.workdir / "artifacts",
+        data_dir=args.workdir / "redis",
+        redis_url=None,
+    )
+    report, first_user = _backfill(args.workdir / "data" / "synthetic", settings, None, "none", 256)
+    print(f"backfilled {report.users} users ({report.sessions} new sessions) into Redis")
+    if args.no_serve:
+        return 0
+    base = f"http://{args.host}:{args.port}"
+    print(
+        "\nServing. Try:\n"
+        f"  curl -s -X POST {base}/recommend/session -H 'content-type: application/json' "
+        f"""-d '{{"user_id": "{first_user}", "k": 10}}'\n"""
+        f"  API docs: {base}/docs    Ctrl-C stops.\n",
+        flush=True,
+    )
+    return _serve(settings, args.host, args.port)
+
+
+def cmd_serve(args) -> int:
+    settings = _settings(
+        registry=args.registry,
+        model_ref=args.model,
+        redis_url=args.redis_url,
+        data_dir=args.data_dir,
+    )
+    return _serve(settings, args.host, args.port)
+
+
+def cmd_backfill(args) -> int:
+    settings = _settings(
+        registry=args.registry,
+        model_ref=args.model,
+        redis_url=args.redis_url,
+        data_dir=args.data_dir,
+    )
+    report, _ = _backfill(args.data, settings, args.users, args.holdout, args.chunk)
+    print(
+        f"users: {report.users}  sessions appended: {report.sessions}  "
+        f"duplicates: {report.duplicates}  caches written: {report.caches}  "
+        f"superseded: {report.superseded}"
+    )
     return 0
+
+
+def _settings(**overrides):
+    """Settings from the environment, with the flags that were given taking precedence."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "redis_url" in overrides and overrides["redis_url"] is None:
+        given["redis_url"] = None  # the demo always uses its own embedded Redis
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        raise ValueError(f"invalid settings: {exc}") from None
+
+
+def _serve(settings, host: str, port: int) -> int:
+    import uvicorn
+
+    from service.app import configure_logging, create_app
+
+    configure_logging(settings.log_level)
+    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
+    return 0
+
+
+def _backfill(data: Path, settings, users: int | None, holdout: str, chunk: int):
+    import asyncio
+
+    from service.app import redis_client, state_store
+    from service.backfill import Holdout, backfill
+    from service.embedded import EmbeddedRedis
+    from service.runner import load_generation
+    from training.dataset import PreparedDataset
+
+    ds = PreparedDataset.load(data)
+    generation = load_generation(
+        settings.registry,
+        settings.model_ref,
+        device=settings.device.value,
+        log_sessions=settings.log_sessions,
+    )
+
+    async def run():
+        embedded = EmbeddedRedis(settings.data_dir) if settings.redis_url is None else None
+        url = embedded.start() if embedded else settings.redis_url
+        # Backfill runs long pipelines: a generous deadline, not the request-path one.
+        client = redis_client(settings.model_copy(update={"redis_timeout_ms": 30_000}), url)
+        try:
+            store = state_store(settings, client)
+            chosen = None if users is None else range(min(users, ds.n_users))
+            return await backfill(
+                ds, store, generation, chosen, holdout=Holdout(holdout), chunk=chunk
+            )
+        finally:
+            await client.aclose()
+            if embedded:
+                embedded.stop()
+
+    return asyncio.run(run()), ds.user_ids[0]
 
 
 if __name__ == "__main__":

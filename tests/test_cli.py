@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import json
+import queue
+import signal
 import subprocess
 import sys
+import threading
+import time
 
+import httpx
 import pytest
 
 from model_store.registry import Registry
 from sessionrec.cli import main
+from tests.servers import free_port, wait_until
 
 
 def test_help_explains_every_command():
     out = subprocess.run(
         [sys.executable, "-m", "sessionrec", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for command in ("data", "train", "evaluate", "models", "demo"):
+    for command in ("data", "train", "evaluate", "models", "index", "backfill", "serve", "demo"):
         assert command in out
     train_help = subprocess.run(
         [sys.executable, "-m", "sessionrec", "train", "--help"],
@@ -126,15 +132,72 @@ def test_evaluate_without_a_current_model_says_how_to_get_one(tmp_path, capsys):
     assert "current" in capsys.readouterr().err
 
 
-def test_demo_trains_both_models_indexes_the_promoted_one_and_prints_the_table(tmp_path, capsys):
-    workdir = tmp_path / "demo"
+def test_demo_trains_indexes_backfills_and_serves_the_printed_curl(tmp_path):
+    """`sessionrec demo` as a user runs it: a real process that ends up serving HTTP."""
+    workdir, port = tmp_path / "demo", free_port()
     argv = ["demo", "--workdir", str(workdir), "--epochs", "1", "--users", "80", "--items", "90"]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    for row in ("popularity", "recent-items", "sessionrec@", "sasrec@"):
-        assert row in out
-    reg = Registry(workdir / "artifacts")
-    assert len(reg.versions()) == 2
-    current = reg.open("current")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sessionrec", *argv, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    out, curl = [], None
+    deadline = time.monotonic() + 240
+    try:
+        while curl is None:
+            try:
+                line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                pytest.fail("demo printed no curl within 240 s:\n" + "".join(out))
+            out.append(line)
+            if line.strip().startswith("curl "):
+                curl = line
+        text = "".join(out)
+        for row in ("popularity", "recent-items", "sessionrec@", "sasrec@", "backfilled 80 users"):
+            assert row in text
+        body = json.loads(curl.split("-d '", 1)[1].rsplit("'", 1)[0])
+        url = curl.split()[4]
+        assert url == f"http://127.0.0.1:{port}/recommend/session"
+        with httpx.Client(timeout=10) as client:
+            wait_until(lambda: _ready(client, port), 60, "the demo service to be ready")
+            r = client.post(url, json=body)
+        assert r.status_code == 200 and r.json()["source"] == "state"
+        assert len(r.json()["items"]) == body["k"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    current = Registry(workdir / "artifacts").open("current")
     assert current.kind == "sessionrec" and "item_index.faiss" in current.files
-    assert json.loads((workdir / "results.json").read_text())["split"] == "test"
+
+
+def _ready(client, port) -> bool:
+    try:
+        return client.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_backfill_loads_users_once_and_serve_explains_itself(tmp_path, redis_url, capsys):
+    data, registry = tmp_path / "data", tmp_path / "artifacts"
+    assert prepare_synthetic(data, users=60, items=80) == 0
+    train = ["train", "--data", str(data), "--registry", str(registry), "--promote"]
+    assert main([*train, "--epochs", "1", "--dim", "16", "--window", "4"]) == 0
+    assert main(["index", "build", "--registry", str(registry)]) == 0
+    capsys.readouterr()
+    argv = ["backfill", "--data", str(data), "--registry", str(registry), "--redis-url", redis_url]
+    assert main([*argv, "--users", "25"]) == 0
+    assert "users: 25" in capsys.readouterr().out
+    assert main([*argv, "--users", "25"]) == 0
+    again = capsys.readouterr().out
+    assert "sessions appended: 0" in again and "caches written: 25" in again
+    serve_help = subprocess.run(
+        [sys.executable, "-m", "sessionrec", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for flag in ("--host", "--port", "--redis-url", "--registry", "SESSIONREC_"):
+        assert flag in serve_help
