@@ -184,7 +184,7 @@ class Runner:
         states: list[KVState | None] = [j.kv for j in jobs]
         for i, state in zip(rebuild_at, rebuilt, strict=True):
             states[i] = state
-        vectors = self._interest(gen, jobs, states)  # (B, d) numpy
+        vectors = self.interest(gen, jobs, states)  # (B, d) numpy
         k_max = max(j.k for j in jobs)
         exclude = [gen.rows(j.exclude) for j in jobs]
         result = gen.index.search(
@@ -203,9 +203,11 @@ class Runner:
             )
         return out
 
-    def _interest(
+    @torch.inference_mode()
+    def interest(
         self, gen: Generation, jobs: Sequence[RecommendJob], states: Sequence[KVState | None]
     ) -> np.ndarray:
+        """User-interest vectors (B, d): one query step per user against its cache."""
         model, dev = gen.model, gen.device
         B = len(jobs)
         bucket = self._bucket(B)

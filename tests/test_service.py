@@ -469,3 +469,52 @@ def test_a_model_needing_more_log_than_kept_is_refused(world):
 
     with pytest.raises(GenerationError, match="needs a raw log of 9 sessions"):
         load_generation(registry.root, "current", device="cpu", log_sessions=8)
+
+
+def _session(user, sid, ended, items, started=None):
+    body = {"user_id": user, "session_id": sid, "ended_at": ended, "items": items}
+    return body if started is None else {**body, "started_at": started}
+
+
+def test_a_late_out_of_order_session_rebuilds_the_cache_in_time_order(world, settings):
+    ds, registry, _ = world
+    items = [{"item_id": ds.item_ids[i], "label": i % 2} for i in range(6)]
+    t0 = 1_760_000_000
+    with LiveServer(settings) as server, server.client() as c:
+        for sid, ended in (("a", t0 + 1000), ("c", t0 + 9000)):
+            assert (
+                c.post("/sessions", json=_session("o1", sid, ended, items[:3])).status_code == 200
+            )
+        late = c.post("/sessions", json=_session("o1", "b", t0 + 5000, items[3:], t0 + 4000))
+        assert late.json()["cache"] == "rebuilt"
+        body = recommend(c, "o1", context={"timestamp": t0 + 20_000})
+    assert body["source"] == "state"
+    (state,) = run(_read_logs(settings, ["o1"]))
+    assert [s.session_id for s in state.sessions] == ["a", "b", "c"]
+    ids, _ = recompute(registry, state.sessions, t0 + 20_000)
+    assert [i["item_id"] for i in body["items"]] == ids
+
+
+def test_the_service_runs_on_a_redis_cluster(world, redis_cluster_url):
+    ds, registry, _ = world
+    settings = Settings(
+        redis_url=redis_cluster_url,
+        redis_cluster=True,
+        registry=registry.root,
+        log_sessions=64,
+        redis_timeout_ms=1000,
+    )
+    items = [{"item_id": ds.item_ids[i], "label": 1} for i in range(4)]
+    users = [f"cl{i}" for i in range(6)]  # spread over the three primaries by hash tag
+    with LiveServer(settings) as server, server.client() as c:
+        for user in users:
+            for n in range(3):
+                r = c.post(
+                    "/sessions", json=_session(user, f"s{n}", 1_760_000_000 + n * 3600, items)
+                )
+                assert r.status_code == 200 and r.json()["cache"] in ("appended", "rebuilt")
+        for user in users:
+            assert recommend(c, user)["source"] == "state"
+        assert c.get("/readyz").json()["ready"] is True
+        assert c.delete(f"/users/{users[0]}").json()["deleted"] is True
+        assert recommend(c, users[0])["source"] == "cold_start"
