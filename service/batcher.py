@@ -20,6 +20,7 @@ unbatched path (used by the benchmark of batching on vs off).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,10 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 BatchObserver = Callable[[int, Sequence[float]], None]  # (batch size, queue waits in seconds)
+
+
+log = logging.getLogger(__name__)
+_IDLE = object()  # sentinel of _next_or_idle
 
 
 class Overloaded(Exception):
@@ -73,6 +78,8 @@ class MicroBatcher(Generic[T, R]):
         self._slots: asyncio.Semaphore | None = None
         self._collector: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
+        self._idle = asyncio.Event()  # set while no batch is running
+        self._idle.set()
         self._closed = False
 
     @property
@@ -126,10 +133,8 @@ class MicroBatcher(Generic[T, R]):
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         break
-                    try:
-                        async with asyncio.timeout(remaining):
-                            nxt = await self._queue.get()
-                    except TimeoutError:
+                    nxt = await self._next_or_idle(remaining)
+                    if nxt is _IDLE:  # the running batches finished: go now
                         break
                 else:
                     nxt = self._queue.get_nowait()
@@ -141,30 +146,62 @@ class MicroBatcher(Generic[T, R]):
             if stop:
                 return
 
+    async def _next_or_idle(self, timeout: float):
+        """The next queued entry, or ``_IDLE`` once no batch is running, or ``_IDLE`` after
+        ``timeout`` — whichever comes first."""
+        assert self._queue is not None
+        get = asyncio.ensure_future(self._queue.get())
+        idle = asyncio.ensure_future(self._idle.wait())
+        try:
+            await asyncio.wait({get, idle}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            idle.cancel()
+            if not get.done():
+                get.cancel()  # an item not yet taken stays in the queue
+        if get.done() and not get.cancelled():
+            return get.result()
+        return _IDLE
+
     async def _dispatch(self, batch: list[_Pending[T, R]]) -> None:
         assert self._slots is not None
-        batch = [p for p in batch if not p.future.done()]  # callers that gave up
-        if not batch:
-            return
         await self._slots.acquire()
+        # Filtered after the slot is ours: under overload, callers give up while we wait.
+        batch = [p for p in batch if not p.future.done()]
+        if not batch:
+            self._slots.release()
+            return
         task = asyncio.create_task(self._run(batch), name=f"{self.name}-batch")
         self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        self._idle.clear()
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        if not self._running:
+            self._idle.set()
 
     async def _run(self, batch: list[_Pending[T, R]]) -> None:
         assert self._slots is not None
         try:
             if self.on_batch is not None:
                 now = time.perf_counter()
-                self.on_batch(len(batch), [now - p.queued_at for p in batch])
+                try:
+                    self.on_batch(len(batch), [now - p.queued_at for p in batch])
+                except Exception:  # an observer must never strand callers
+                    log.exception("%s: on_batch observer failed", self.name)
             try:
                 results = await self.handle([p.item for p in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)}")
-            except Exception as exc:  # delivered to every caller of this batch
+            except (Exception, asyncio.CancelledError) as exc:  # to every caller of the batch
+                error = exc
+                if isinstance(exc, asyncio.CancelledError):
+                    error = RuntimeError(f"{self.name}: the batch was cancelled")
                 for p in batch:
                     if not p.future.done():
-                        p.future.set_exception(exc)
+                        p.future.set_exception(error)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
                 return
             for p, result in zip(batch, results, strict=True):
                 if not p.future.done():

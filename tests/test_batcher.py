@@ -705,14 +705,9 @@ def test_constructor_accepts_minimal_bounds_without_a_loop():
     assert (b.max_batch, b.max_wait_s, b.max_queue, b.max_inflight) == (1, 0, 1, 1)
 
 
-# ---- known bugs (strict xfail: these start passing once batcher.py is fixed)
+# ---- regressions of bugs found in review (fixed in service/batcher.py)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a collector already waiting up to max_wait_s for company is not woken when the "
-    "running batch finishes, so a lone item waits the full max_wait_s on an idle model",
-)
 def test_item_waiting_for_company_is_dispatched_when_the_model_goes_idle():
     async def main():
         gate = Gate()
@@ -732,11 +727,6 @@ def test_item_waiting_for_company_is_dispatched_when_the_model_goes_idle():
     run(main)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cancelled callers are filtered before _dispatch waits for a free slot, so a "
-    "caller that gives up while its batch waits for max_inflight still reaches handle",
-)
 def test_caller_cancelled_while_batch_waits_for_a_slot_is_skipped():
     async def main():
         gate = Gate()
@@ -757,11 +747,6 @@ def test_caller_cancelled_while_batch_waits_for_a_slot_is_skipped():
     run(main)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: on_batch is called outside the try that delivers errors, so an observer that "
-    "raises leaves every caller of the batch waiting forever",
-)
 def test_on_batch_error_does_not_strand_callers():
     def observe(size: int, waits: Sequence[float]) -> None:
         raise RuntimeError("metrics backend down")
@@ -780,11 +765,6 @@ def test_on_batch_error_does_not_strand_callers():
     run(main)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: only Exception is delivered to callers; a handle that raises CancelledError "
-    "(a BaseException) leaves every caller of the batch waiting forever",
-)
 def test_handle_cancelled_error_does_not_strand_callers():
     async def main():
         async def handle(items: list[int]) -> list[int]:
