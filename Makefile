@@ -12,11 +12,12 @@ install: $(STAMP)
 
 # torch is pinned to 2.13.0 and installed first: on these machines pip resolves that pin to
 # the local CPU wheel; elsewhere pip picks the platform's default build (CUDA on Linux).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e clients/python
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -1,0 +1,700 @@
+"""The service end to end: micro-batching on vs off, and Redis bytes per user.
+
+    .venv/bin/python benchmarks/serve.py --out docs/serve.json
+
+Why: the brief asks for ≥ 3× the throughput with micro-batching on vs off at 64 concurrent
+clients, and for the per-user Redis cost of the state (raw session log + K/V cache) against
+the raw K/V payload. One seeded run measures both, side by side, against real processes:
+
+1. World. ``training.loaders.prepare("synthetic", n_users=2000, n_items=5000,
+   sessions_per_user=20)``; one SessionRec of the default architecture (dim 64, 2 layers,
+   2 heads, W = 64) trained for 1 epoch and promoted; a flat FAISS index added to the artifact
+   (the calls of ``tests/servers.py::build_registry``). A real redis-server
+   (``tests.servers.RedisProcess``, loopback, AOF on); every user backfilled into db 0 with
+   ``service.backfill.backfill`` (fp32 K/V, the default).
+2. Throughput. For each config — batched (``max_batch`` 64, ``max_wait_ms`` 2) and unbatched
+   (``max_batch`` 1) — ``sessionrec serve`` runs in its own process (``SESSIONREC_*`` env,
+   started and polled on ``GET /readyz`` under a deadline, terminated after). The load
+   generator (this process) runs ``--concurrency`` asyncio workers over one
+   ``httpx.AsyncClient`` (as many connections), each posting ``POST /recommend/session``
+   ``{"user_id", "k": 50}``; users drawn Zipf-like (p ∝ 1/rank^``--zipf``) from the backfilled
+   users, one pre-drawn seeded sequence shared by both configs. ``--warmup`` requests first
+   (excluded), then ``--requests`` measured, each phase also capped by wall time. Recorded:
+   throughput, client-side p50/p95/p99 latency, batch size (``timing.batch_size`` of each
+   response), non-200 count, ``source`` histogram, and CPU seconds of the client, the server
+   and Redis over the measured phase (from /proc): client and server share the 2 cores.
+   ``--rounds`` > 1 repeats the pair in ABBA order.
+3. Redis bytes. For ``--sample`` backfilled users, and for ``--full-users`` users built with
+   exactly ``log_sessions`` (129) sessions so the log and the K/V cache (W = 64 sessions) are
+   both full (their sessions are dataset sessions re-timed, so items per session are as in the
+   data; loaded through the backfill's own calls), ``MEMORY USAGE <key> SAMPLES 0`` of each
+   key, ``STRLEN`` of the K/V string and the encodings; once with fp32 K/V (db 0) and once with
+   fp16 (db 1, ``kv_storage="float16"`` → ``state_store`` writes fp16). One more full user's
+   129 sessions are posted over HTTP (``POST /sessions``) to the batched server, as a check
+   that the service's own write path stores the same bytes.
+
+Raw K/V payload of a user = n_layers · n_heads · n · head_dim · 2 (K and V) · bytes per value,
+n = cached sessions (≤ W).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import redis  # noqa: E402
+
+from service.state import KVDType, SessionRecord, decode_kv  # noqa: E402
+from tests.servers import RedisProcess, free_port, wait_until  # noqa: E402
+
+USER_SAMPLE_SEED_OFFSET = 1
+FULL_USER_PREFIX = "full"
+BASE_TIME = 1_700_000_000
+TARGET_RATIO = 3.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--requests", type=int, default=3000, help="measured requests per config")
+    p.add_argument("--warmup", type=int, default=300, help="warm-up requests per config")
+    p.add_argument("--concurrency", type=int, default=64, help="client workers = connections")
+    p.add_argument("--k", type=int, default=50)
+    p.add_argument("--zipf", type=float, default=1.0, help="user popularity exponent")
+    p.add_argument("--time-cap", type=float, default=90.0, help="seconds per measured phase")
+    p.add_argument("--rounds", type=int, default=1, help="config pairs, ABBA order")
+    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--items", type=int, default=5000)
+    p.add_argument("--sessions-per-user", type=float, default=20.0)
+    p.add_argument("--sample", type=int, default=200, help="users whose Redis bytes are read")
+    p.add_argument("--full-users", type=int, default=8, help="users built with a full log")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("docs/serve.json"))
+    p.add_argument("--workdir", type=Path, help="kept if given; default: a temp dir, removed")
+    return p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- world
+
+
+def build_world(root: Path, args: argparse.Namespace):
+    """Synthetic data → one default-architecture SessionRec (1 epoch, promoted) → flat index."""
+    from index import IndexConfig, IndexKind, add_index_to_artifact, build_index
+    from model_store.registry import Registry
+    from model_store.store import read_item_vectors
+    from training.config import TrainConfig
+    from training.loaders import prepare
+    from training.pipeline import train_and_save
+
+    t0 = time.perf_counter()
+    ds = prepare(
+        "synthetic",
+        root / "data",
+        seed=args.seed,
+        n_users=args.users,
+        n_items=args.items,
+        sessions_per_user=args.sessions_per_user,
+    )
+    log(f"prepared {ds.n_users} users, {ds.n_sessions} sessions ({time.perf_counter() - t0:.1f} s)")
+    t0 = time.perf_counter()
+    registry = Registry(root / "artifacts")
+    cfg = TrainConfig(epochs=1, min_epochs=1, val_users=200, seed=args.seed)
+    trained = train_and_save(
+        ds, cfg, registry, data_path=root / "data", promote=True, progress=False
+    )
+    artifact = registry.open(trained.version)
+    add_index_to_artifact(
+        artifact.root, build_index(read_item_vectors(artifact), IndexConfig(kind=IndexKind.FLAT))
+    )
+    log(f"trained {trained.version} + flat index ({time.perf_counter() - t0:.1f} s)")
+    return ds, root / "artifacts", trained.version
+
+
+def full_user_records(ds, n_users: int, n_sessions: int, seed: int) -> dict[str, list]:
+    """``n_users`` users × ``n_sessions`` sessions drawn from the dataset, re-timed a day
+    apart (so they are in order and the newest ends last)."""
+    rng = np.random.default_rng(seed + 7)
+    out = {}
+    for u in range(n_users):
+        records = []
+        for i, s in enumerate(rng.integers(0, ds.n_sessions, size=n_sessions)):
+            items, labels = ds.session(int(s))
+            start = BASE_TIME + i * 86_400
+            records.append(
+                SessionRecord(
+                    session_id=f"s{i}",
+                    started_at=start,
+                    ended_at=start + 600,
+                    items=tuple(ds.item_ids[j - 1] for j in items),
+                    labels=tuple(int(x) for x in labels),
+                )
+            )
+        out[f"{FULL_USER_PREFIX}{u:03d}"] = records
+    return out
+
+
+async def load_state(url: str, registry: Path, ds, users, records: dict, kv: str, log_sessions):
+    """Backfill ``users`` (dataset indices) and ``records`` (user → sessions) into ``url``
+    with K/V stored as ``kv``, through the backfill's own calls. Returns the backfill report."""
+    from service.app import redis_client, state_store
+    from service.backfill import backfill
+    from service.runner import Runner, load_generation
+    from service.settings import Settings
+
+    s = Settings(
+        redis_url=url,
+        registry=registry,
+        kv_storage=kv,
+        redis_timeout_ms=60_000,  # long pipelines: a generous deadline, as the CLI's backfill
+        log_sessions=log_sessions,
+        device="cpu",
+    )
+    gen = load_generation(s.registry, s.model_ref, device="cpu", log_sessions=s.log_sessions)
+    client = redis_client(s, url)
+    try:
+        store = state_store(s, client)
+        report = await backfill(ds, store, gen, users, progress=True)
+        if records:
+            pairs = [(u, r) for u, recs in records.items() for r in recs]
+            await store.append_many(pairs)
+            states = await store.get_many(list(records))
+            kvs = Runner(max_batch=len(states)).rebuild(
+                gen, [x.sessions for x in states], [x.seq for x in states]
+            )
+            ok = await store.put_kv_many([(x.user_id, k) for x, k in zip(states, kvs, strict=True)])
+            if not all(ok):
+                raise RuntimeError("a full-window user's cache write was refused")
+        return report, gen
+    finally:
+        await client.aclose()
+
+
+# ----------------------------------------------------------------------------- server
+
+
+class ServeProcess:
+    """``sessionrec serve`` in its own process, ready when ``GET /readyz`` answers 200."""
+
+    def __init__(self, registry: Path, redis_url: str, env: dict, log_path: Path) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "sessionrec",
+            "serve",
+            *("--host", "127.0.0.1", "--port", str(self.port)),
+            *("--registry", str(registry), "--redis-url", redis_url),
+        ]
+        self.env = {**os.environ, "SESSIONREC_LOG_LEVEL": "warning", **env}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServeProcess:
+        self._log = open(self.log_path, "wb")  # closed in __exit__
+        self.proc = subprocess.Popen(
+            self.cmd,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+
+        def ready():
+            if self.proc.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"sessionrec serve exited ({self.proc.returncode}):\n{tail}")
+            try:
+                return httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        t0 = time.perf_counter()
+        wait_until(ready, 120, "sessionrec serve to be ready", interval=0.1)
+        self.ready_s = time.perf_counter() - t0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ----------------------------------------------------------------------------- load
+
+
+async def run_phase(client, bodies: list[bytes], concurrency: int, time_cap: float) -> dict:
+    """``concurrency`` workers post ``bodies`` in order until all are sent or ``time_cap``."""
+    latencies: list[float] = []
+    statuses: Counter = Counter()
+    sources: Counter = Counter()
+    batch_sizes: list[int] = []
+    state = {"next": 0}
+    headers = {"content-type": "application/json"}
+    started = time.perf_counter()
+    deadline = started + time_cap
+
+    async def worker() -> None:
+        while state["next"] < len(bodies) and time.perf_counter() < deadline:
+            body = bodies[state["next"]]
+            state["next"] += 1
+            t0 = time.perf_counter()
+            try:
+                r = await client.post("/recommend/session", content=body, headers=headers)
+            except httpx.HTTPError as exc:
+                statuses[f"error:{type(exc).__name__}"] += 1
+                continue
+            latencies.append(time.perf_counter() - t0)
+            statuses[str(r.status_code)] += 1
+            if r.status_code == 200:
+                out = r.json()
+                sources[out["source"]] += 1
+                batch_sizes.append(int(out["timing"]["batch_size"]))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - started
+    return {
+        "wall": wall,
+        "latencies": latencies,
+        "statuses": statuses,
+        "sources": sources,
+        "batch_sizes": batch_sizes,
+        "capped": state["next"] < len(bodies),
+    }
+
+
+async def drive(url: str, warm: list[bytes], bodies: list[bytes], args, pids: dict) -> dict:
+    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30.0) as client:
+        await run_phase(client, warm, args.concurrency, 30.0)
+        cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        phase = await run_phase(client, bodies, args.concurrency, args.time_cap)
+        cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    phase["cpu_s"] = {name: cpu1[name] - cpu0[name] for name in pids}
+    return phase
+
+
+def summarise(name: str, phase: dict, settings: dict) -> dict:
+    lat = np.asarray(phase["latencies"]) * 1000
+    ok = sum(phase["sources"].values())
+    sizes = np.asarray(phase["batch_sizes"], dtype=float)
+    wall = phase["wall"]
+    non200 = sum(n for code, n in phase["statuses"].items() if code != "200")
+    return {
+        "config": name,
+        "settings": settings,
+        "requests": int(sum(phase["statuses"].values())),
+        "ok": ok,
+        "non_200": non200,
+        "statuses": dict(phase["statuses"]),
+        "capped_by_time": phase["capped"],
+        "wall_s": round(wall, 3),
+        "throughput_rps": round(ok / wall, 1),
+        "latency_ms": {
+            "p50": round(float(np.percentile(lat, 50)), 2),
+            "p95": round(float(np.percentile(lat, 95)), 2),
+            "p99": round(float(np.percentile(lat, 99)), 2),
+            "mean": round(float(lat.mean()), 2),
+        },
+        # Request-weighted: the mean over requests of the size of the batch each was in.
+        "batch_size_mean_per_request": round(float(sizes.mean()), 2),
+        # Per batch: Σ 1/b over requests counts batches (exact when no batch straddles the
+        # phase boundary, which is true up to the last in-flight batches).
+        "batch_size_mean_per_batch": round(float(len(sizes) / (1 / sizes).sum()), 2),
+        "sources": dict(phase["sources"]),
+        "cpu_s": {k: round(v, 2) for k, v in phase["cpu_s"].items()},
+        "cpu_ms_per_request": {
+            k: round(v * 1000 / max(ok, 1), 3) for k, v in phase["cpu_s"].items()
+        },
+    }
+
+
+def figure_line(r: dict) -> str:
+    lat = r["latency_ms"]
+    cpu = r["cpu_ms_per_request"]
+    return (
+        f"{r['config']:>9}: {r['throughput_rps']:7.1f} req/s  p50 {lat['p50']:.1f} ms  "
+        f"p95 {lat['p95']:.1f} ms  p99 {lat['p99']:.1f} ms  batch {r['batch_size_mean_per_batch']}"
+        f" (per request {r['batch_size_mean_per_request']})  non-200 {r['non_200']}  "
+        f"sources {r['sources']}  CPU ms/req client {cpu['client']} server {cpu['server']} "
+        f"redis {cpu['redis']}"
+    )
+
+
+# ----------------------------------------------------------------------------- bytes
+
+
+def user_bytes(r: redis.Redis, user: str) -> dict:
+    tag = f"sr:{{{user}}}"
+    keys = {name: f"{tag}:{name}" for name in ("log", "ids", "seq", "kv")}
+    mem = {name: int(r.memory_usage(key, samples=0) or 0) for name, key in keys.items()}
+    raw_kv = r.get(keys["kv"])
+    kv = decode_kv(raw_kv)
+    dtype = KVDType(_kv_dtype_code(raw_kv))
+    L, H, n, Dh = kv.k.shape
+    return {
+        "user": user,
+        "sessions_in_log": int(r.zcard(keys["log"])),
+        "ids": int(r.zcard(keys["ids"])),
+        "cached_sessions": int(n),
+        "memory_usage": mem,
+        "total": sum(mem.values()),
+        "kv_strlen": int(r.strlen(keys["kv"])),
+        "log_member_bytes": sum(len(m) for m in r.zrange(keys["log"], 0, -1)),
+        "raw_kv_payload": int(L * H * n * Dh * 2 * dtype.numpy.itemsize),
+        "encoding": {
+            "log": r.object("encoding", keys["log"]).decode(),
+            "ids": r.object("encoding", keys["ids"]).decode(),
+            "kv": r.object("encoding", keys["kv"]).decode(),
+        },
+    }
+
+
+def _kv_dtype_code(raw: bytes) -> int:
+    """The dtype byte of an encoded KVState (header, model version, log_seq, last_ended_at)."""
+    (n,) = np.frombuffer(raw[8:10], dtype="<u2")
+    return raw[10 + int(n) + 16]
+
+
+def bytes_summary(rows: list[dict], label: str, dtype: str) -> dict:
+    def mean(f):
+        return round(statistics.fmean(f(x) for x in rows), 1)
+
+    raw = mean(lambda x: x["raw_kv_payload"])
+    kv_mem = mean(lambda x: x["memory_usage"]["kv"])
+    total = mean(lambda x: x["total"])
+    log_mem = mean(lambda x: x["memory_usage"]["log"])
+    return {
+        "users": label,
+        "kv_dtype": dtype,
+        "n_users": len(rows),
+        "sessions_in_log": _dist([x["sessions_in_log"] for x in rows]),
+        "cached_sessions": _dist([x["cached_sessions"] for x in rows]),
+        "memory_usage_mean": {
+            k: mean(lambda x, k=k: x["memory_usage"][k]) for k in ("log", "ids", "seq", "kv")
+        },
+        "total_mean": total,
+        "kv_strlen_mean": mean(lambda x: x["kv_strlen"]),
+        "log_member_bytes_mean": mean(lambda x: x["log_member_bytes"]),
+        "raw_kv_payload_mean": raw,
+        "kv_key_over_raw": round(kv_mem / raw, 3),
+        "total_over_raw": round(total / raw, 3),
+        "log_over_kv_key": round(log_mem / kv_mem, 3),
+        "encodings": dict(
+            Counter(f"log={x['encoding']['log']} ids={x['encoding']['ids']}" for x in rows)
+        ),
+    }
+
+
+def _dist(values: list[int]) -> dict:
+    a = np.asarray(values)
+    return {
+        "min": int(a.min()),
+        "p50": float(np.median(a)),
+        "mean": round(float(a.mean()), 1),
+        "max": int(a.max()),
+    }
+
+
+async def post_sessions(url: str, user: str, records: list[SessionRecord]) -> Counter:
+    """Close ``records`` one by one over HTTP, in order; returns the ``cache`` histogram."""
+    out: Counter = Counter()
+    async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
+        for rec in records:
+            body = {
+                "user_id": user,
+                "session_id": rec.session_id,
+                "started_at": rec.started_at,
+                "ended_at": rec.ended_at,
+                "items": [
+                    {"item_id": i, "label": lab}
+                    for i, lab in zip(rec.items, rec.labels, strict=True)
+                ],
+            }
+            r = await client.post("/sessions", json=body)
+            r.raise_for_status()
+            out[r.json()["cache"]] += 1
+    return out
+
+
+async def check_sources(url: str, users: list[str], k: int) -> Counter:
+    async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
+        out: Counter = Counter()
+        for u in users:
+            r = await client.post("/recommend/session", json={"user_id": u, "k": k})
+            r.raise_for_status()
+            out[r.json()["source"]] += 1
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "| config | req/s | p50 ms | p95 ms | p99 ms | mean batch (per batch / per request) "
+        "| non-200 | sources | CPU ms/req client / server / redis |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["throughput"]["runs"]:
+        lat, cpu = r["latency_ms"], r["cpu_ms_per_request"]
+        src = ", ".join(f"{k} {v}" for k, v in r["sources"].items())
+        lines.append(
+            f"| {r['config']} (round {r['round']}) | {r['throughput_rps']:,.0f} | {lat['p50']:.1f} "
+            f"| {lat['p95']:.1f} | {lat['p99']:.1f} | {r['batch_size_mean_per_batch']:.1f} / "
+            f"{r['batch_size_mean_per_request']:.1f} | {r['non_200']} | {src} "
+            f"| {cpu['client']:.2f} / {cpu['server']:.2f} / {cpu['redis']:.2f} |"
+        )
+    t = results["throughput"]
+    lines.append("")
+    lines.append(
+        f"batched / unbatched throughput: **{t['ratio']:.2f}×** (target ≥ {TARGET_RATIO:g}×: "
+        f"{'met' if t['target_met'] else 'not met'})"
+    )
+    lines += [
+        "",
+        "| users | K/V | sessions in log (min/p50/max) | cached n | log | ids | seq | kv "
+        "| total | raw K/V | kv key / raw | total / raw | log / kv key |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for b in results["bytes"]["summaries"]:
+        m, s, c = b["memory_usage_mean"], b["sessions_in_log"], b["cached_sessions"]
+        lines.append(
+            f"| {b['users']} ({b['n_users']}) | {b['kv_dtype']} | {s['min']}/{s['p50']:g}/"
+            f"{s['max']} | {c['min']}–{c['max']} | {m['log']:,.0f} | {m['ids']:,.0f} "
+            f"| {m['seq']:,.0f} | {m['kv']:,.0f} | {b['total_mean']:,.0f} "
+            f"| {b['raw_kv_payload_mean']:,.0f} | {b['kv_key_over_raw']:.2f} "
+            f"| {b['total_over_raw']:.2f} | {b['log_over_kv_key']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    keep = args.workdir is not None
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="sessionrec-serve-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    redis_proc = None
+    try:
+        import faiss
+        import torch
+
+        torch.manual_seed(args.seed)
+        ds, registry, version = build_world(root, args)
+        redis_proc = RedisProcess(root / "redis").start()
+        url0 = redis_proc.url  # db 0: fp32 K/V (what the servers read)
+        url1 = url0[: -len("/0")] + "/1"  # db 1: fp16 K/V, for the bytes comparison only
+        r0 = redis.Redis.from_url(url0)
+        r1 = redis.Redis.from_url(url1)
+        redis_version = r0.info("server")["redis_version"]
+        log_sessions = 129
+
+        rng = np.random.default_rng(args.seed + USER_SAMPLE_SEED_OFFSET)
+        sample = np.sort(rng.choice(ds.n_users, size=min(args.sample, ds.n_users), replace=False))
+        full = full_user_records(ds, args.full_users, log_sessions, args.seed)
+        http_full = full_user_records(ds, args.full_users + 1, log_sessions, args.seed + 1)
+        http_user, http_records = "fullhttp000", list(http_full.values())[-1]
+
+        mem0 = int(r0.info("memory")["used_memory"])
+        t0 = time.perf_counter()
+        report, gen = asyncio.run(
+            load_state(url0, registry, ds, None, full, "float32", log_sessions)
+        )
+        backfill_s = time.perf_counter() - t0
+        mem_after = int(r0.info("memory")["used_memory"])
+        log(
+            f"backfilled {report.users} users + {len(full)} full-window users (fp32, db 0): "
+            f"{report.sessions} sessions, {report.caches} caches, {backfill_s:.1f} s"
+        )
+        asyncio.run(load_state(url1, registry, ds, sample, full, "float16", log_sessions))
+        log(f"backfilled {len(sample)} sample + {len(full)} full-window users (fp16, db 1)")
+        cfg = gen.config
+
+        # ---- throughput
+        users = [ds.user_ids[u] for u in range(ds.n_users)]
+        order = np.random.default_rng(args.seed + 2).permutation(len(users))
+        weights = 1.0 / np.arange(1, len(users) + 1) ** args.zipf
+        probs = weights / weights.sum()
+        draw = np.random.default_rng(args.seed + 3).choice(
+            len(users), size=args.warmup + args.requests, p=probs
+        )
+
+        def body(i: int) -> bytes:
+            return json.dumps({"user_id": users[order[i]], "k": args.k}).encode()
+
+        warm = [body(i) for i in draw[: args.warmup]]
+        bodies = [body(i) for i in draw[args.warmup :]]
+        distinct = len(set(draw[args.warmup :].tolist()))
+        configs = {
+            "batched": {"SESSIONREC_MAX_BATCH": "64", "SESSIONREC_MAX_WAIT_MS": "2"},
+            "unbatched": {"SESSIONREC_MAX_BATCH": "1"},
+        }
+        plan = []
+        for rnd in range(args.rounds):
+            pair = ["batched", "unbatched"] if rnd % 2 == 0 else ["unbatched", "batched"]
+            plan += [(rnd + 1, name) for name in pair]
+        runs = []
+        http_check: dict = {}
+        for rnd, name in plan:
+            env = {**configs[name], "SESSIONREC_DEVICE": "cpu"}
+            with ServeProcess(registry, url0, env, root / f"serve-{name}-{rnd}.log") as srv:
+                log(f"{name} (round {rnd}): server ready in {srv.ready_s:.1f} s; load starts")
+                pids = {"client": os.getpid(), "server": srv.proc.pid, "redis": redis_proc.proc.pid}
+                phase = asyncio.run(drive(srv.url, warm, bodies, args, pids))
+                res = summarise(name, phase, configs[name])
+                res["round"] = rnd
+                res["server_ready_s"] = round(srv.ready_s, 1)
+                runs.append(res)
+                print(figure_line(res), flush=True)
+                if name == "batched" and not http_check:
+                    http_check["full_users_sources"] = dict(
+                        asyncio.run(check_sources(srv.url, list(full), args.k))
+                    )
+                    http_check["post_sessions_cache"] = dict(
+                        asyncio.run(post_sessions(srv.url, http_user, http_records))
+                    )
+                    http_check["after_post_source"] = dict(
+                        asyncio.run(check_sources(srv.url, [http_user], args.k))
+                    )
+                    log(f"HTTP checks: {http_check}")
+
+        def agg(name: str) -> float:
+            return statistics.median(r["throughput_rps"] for r in runs if r["config"] == name)
+
+        ratio = agg("batched") / agg("unbatched")
+
+        # ---- bytes
+        fp32_sample = [user_bytes(r0, ds.user_ids[u]) for u in sample]
+        fp32_full = [user_bytes(r0, u) for u in full]
+        fp32_http = [user_bytes(r0, http_user)]
+        fp16_sample = [user_bytes(r1, ds.user_ids[u]) for u in sample]
+        fp16_full = [user_bytes(r1, u) for u in full]
+        summaries = [
+            bytes_summary(fp32_sample, "synthetic sample", "float32"),
+            bytes_summary(fp16_sample, "synthetic sample", "float16"),
+            bytes_summary(fp32_full, "129 sessions (backfill calls)", "float32"),
+            bytes_summary(fp16_full, "129 sessions (backfill calls)", "float16"),
+            bytes_summary(fp32_http, "129 sessions (POST /sessions)", "float32"),
+        ]
+        for b in summaries:
+            m = b["memory_usage_mean"]
+            print(
+                f"bytes {b['users']} {b['kv_dtype']}: log {m['log']:,.0f} ids {m['ids']:,.0f} "
+                f"seq {m['seq']:,.0f} kv {m['kv']:,.0f} (strlen {b['kv_strlen_mean']:,.0f}) "
+                f"total {b['total_mean']:,.0f} raw K/V {b['raw_kv_payload_mean']:,.0f} → "
+                f"kv/raw {b['kv_key_over_raw']} total/raw {b['total_over_raw']} "
+                f"log/kv {b['log_over_kv_key']}",
+                flush=True,
+            )
+
+        results = {
+            "command": "benchmarks/serve.py " + " ".join(sys.argv[1:]),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "processor": platform.processor() or platform.machine(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "torch_threads": torch.get_num_threads(),
+                "faiss": faiss.__version__,
+                "redis_server": redis_version,
+                "httpx": httpx.__version__,
+                "note": "client, server and redis-server share the machine's cores",
+            },
+            "world": {
+                "users": ds.n_users,
+                "items": args.items,
+                "sessions": ds.n_sessions,
+                "model_version": version,
+                "model": {
+                    "dim": cfg.dim,
+                    "n_layers": cfg.n_layers,
+                    "n_heads": cfg.n_heads,
+                    "head_dim": cfg.head_dim,
+                    "window": cfg.window,
+                },
+                "index": gen.index.kind.value,
+                "log_sessions": log_sessions,
+                "backfill_s": round(backfill_s, 1),
+                "backfill_sessions": report.sessions,
+                "used_memory_delta_per_user_fp32": round(
+                    (mem_after - mem0) / (report.users + len(full)), 1
+                ),
+            },
+            "throughput": {
+                "concurrency": args.concurrency,
+                "k": args.k,
+                "warmup": args.warmup,
+                "requests": args.requests,
+                "time_cap_s": args.time_cap,
+                "zipf": args.zipf,
+                "distinct_users_measured": distinct,
+                "runs": runs,
+                "median_rps": {"batched": agg("batched"), "unbatched": agg("unbatched")},
+                "ratio": round(ratio, 2),
+                "target": f">= {TARGET_RATIO:g}x",
+                "target_met": ratio >= TARGET_RATIO,
+            },
+            "http_checks": http_check,
+            "bytes": {
+                "summaries": summaries,
+                "per_user": {
+                    "fp32_full": fp32_full,
+                    "fp16_full": fp16_full,
+                    "fp32_post_sessions": fp32_http,
+                },
+            },
+            "elapsed_s": round(time.perf_counter() - t_start, 1),
+        }
+        r0.close()
+        r1.close()
+        print()
+        print(markdown(results))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        log(f"wrote {args.out} ({results['elapsed_s']} s in all)")
+        return 0
+    finally:
+        if redis_proc is not None:
+            redis_proc.stop()
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
