@@ -10,18 +10,17 @@ with) → warm every batch bucket → serve. Shutdown reverses it, finishing que
 from __future__ import annotations
 
 import logging
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from service.embedded import EmbeddedRedis
 from service.metrics import Metrics
-from service.middleware import BodyTooLarge, RequestIdFilter, ServiceMiddleware
+from service.middleware import RequestIdFilter, ServiceMiddleware
 from service.recommender import Recommender
 from service.routes import admin, ops, recommend, sessions, users
 from service.runner import load_generation
@@ -42,23 +41,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.settings = s
-        embedded = None
-        url = s.redis_url
-        if url is None:
-            embedded = EmbeddedRedis(s.data_dir)
-            url = embedded.start()
-            log.info("embedded redis-server at %s (data in %s)", url, s.data_dir)
-        client = redis_client(s, url)
-        try:
+        async with AsyncExitStack() as cleanup:  # whatever started is stopped, in reverse
+            url = s.redis_url
+            if url is None:
+                embedded = EmbeddedRedis(s.data_dir)
+                url = embedded.start()
+                cleanup.callback(embedded.stop)
+                log.info("embedded redis-server at %s (data in %s)", url, s.data_dir)
+            client = redis_client(s, url)
+            cleanup.push_async_callback(client.aclose)
             store = state_store(s, client)
             try:
                 await store.load_scripts()
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 log.warning("redis unavailable at start-up (%s); serving degraded", exc)
             generation = load_generation(
                 s.registry, s.model_ref, device=s.device.value, log_sessions=s.log_sessions
             )
             recommender = Recommender(s, store, metrics)
+            cleanup.push_async_callback(recommender.stop)
             await recommender.start(generation)
             app.state.recommender = recommender
             log.info(
@@ -67,14 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 generation.device,
                 generation.index.kind.value,
             )
-            try:
-                yield
-            finally:
-                await recommender.stop()
-        finally:
-            await client.aclose()
-            if embedded is not None:
-                embedded.stop()
+            yield
 
     app = FastAPI(
         title="sessionrec",
@@ -84,10 +78,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in (recommend, sessions, users, ops, admin):
         app.include_router(module.router)
-
-    @app.exception_handler(BodyTooLarge)
-    async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=413)
 
     app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=s.max_body_bytes)
     return app

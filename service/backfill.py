@@ -100,7 +100,7 @@ async def backfill(
             appended += sum(r.appended for r in results)
             duplicates += sum(not r.appended for r in results)
             ids = [ds.user_ids[u] for u in part]
-            states = [s for s in await store.get_many(ids) if s.seq]
+            states = [s for s in await store.get_many(ids, last=generation.history + 1) if s.seq]
             kvs = await loop.run_in_executor(
                 compute,
                 runner.rebuild,

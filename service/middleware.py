@@ -19,6 +19,8 @@ import re
 import time
 import uuid
 
+from starlette.exceptions import HTTPException
+
 from service.metrics import Metrics
 
 REQUEST_ID_HEADER = b"x-request-id"
@@ -93,9 +95,12 @@ class ServiceMiddleware:
         return receive_limited
 
 
-class BodyTooLarge(Exception):
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` while the body streams in; an HTTPException, so FastAPI's body
+    reader passes it through as the 413 it is (any other error would become a 400)."""
+
     def __init__(self, limit: int) -> None:
-        super().__init__(f"request body larger than {limit} bytes")
+        super().__init__(413, f"request body larger than {limit} bytes")
         self.limit = limit
 
 

@@ -36,13 +36,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from service.batcher import MicroBatcher
 from service.metrics import Metrics
 from service.runner import (
     AppendJob,
     Generation,
+    GenerationError,
     Recommendation,
     RecommendJob,
     Runner,
@@ -134,7 +135,7 @@ class Recommender:
     # ---- lifecycle
 
     async def start(self, generation: Generation) -> None:
-        await self._on_compute(self.runner.warm, generation)
+        await self._warm(generation)
         self._set_generation(generation)
         self.warmed = True
         self._recs.start()
@@ -151,6 +152,8 @@ class Recommender:
         async with self._reload_lock:
             s = self.settings
             try:
+                # Loading (file reads, checksums, deserialising) happens off the compute thread
+                # so serving goes on; the new objects are not shared with it until the swap.
                 generation = await asyncio.to_thread(
                     load_generation,
                     s.registry,
@@ -158,15 +161,26 @@ class Recommender:
                     device=s.device.value,
                     log_sessions=s.log_sessions,
                 )
-                await self._on_compute(self.runner.warm, generation)
-            except Exception:
+                await self._warm(generation)
+            except Exception as exc:
                 self.metrics.reloads.labels("refused").inc()
-                raise
+                if isinstance(exc, GenerationError):
+                    raise
+                raise GenerationError(
+                    f"model {model_ref!r} failed to load or warm up: {exc}"
+                ) from exc
             previous = self.generation.version if self.generation else ""
             self._set_generation(generation)
             self.metrics.reloads.labels("swapped").inc()
             log.info("generation %s → %s", previous, generation.version)
             return previous, generation.version
+
+    async def _warm(self, generation: Generation) -> None:
+        """Warm every bucket, one compute job each, so serving batches interleave with a
+        reload's warm-up instead of queueing behind all of it."""
+        for bucket in self.runner.buckets:
+            await self._on_compute(self.runner.warm_bucket, generation, bucket)
+        await self._on_compute(self.runner.warm_state_paths, generation)
 
     async def redis_ok(self) -> bool:
         try:
@@ -202,7 +216,9 @@ class Recommender:
                 try:
                     logs = {
                         s.user_id: s
-                        for s in await self._redis("get_log", self.store.get_many(stale))
+                        for s in await self._redis(
+                            "get_log", self.store.get_many(stale, last=gen.history + 1)
+                        )
                     }
                 except _RedisDown:
                     logs = None
@@ -303,7 +319,8 @@ class Recommender:
         cache = CacheUpdate.UNCHANGED
         if appended.appended:
             try:
-                cache = await self._closes.submit(_Close(req.user_id, record, appended.seq))
+                async with asyncio.timeout(self.settings.request_timeout_ms / 1000):
+                    cache = await self._closes.submit(_Close(req.user_id, record, appended.seq))
             except Exception as exc:  # the session is stored; the next read rebuilds
                 log.warning("user %s: cache update deferred: %s", req.user_id, exc)
                 cache = CacheUpdate.DEFERRED
@@ -334,7 +351,9 @@ class Recommender:
         logs = []
         if rebuild:
             try:
-                logs = await self._redis("get_log", self.store.get_many(rebuild))
+                logs = await self._redis(
+                    "get_log", self.store.get_many(rebuild, last=gen.history + 1)
+                )
             except _RedisDown:
                 status.update(dict.fromkeys(rebuild, CacheUpdate.DEFERRED))
             logs = [s for s in logs if s.seq]  # forgotten or expired meanwhile: nothing to do
@@ -376,7 +395,7 @@ class Recommender:
         try:
             async with asyncio.timeout(self._redis_timeout):
                 return await call
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             self.metrics.redis_errors.labels(op).inc()
             log.warning("redis %s failed: %s", op, exc.__class__.__name__)
             raise _RedisDown(op) from exc
@@ -401,9 +420,14 @@ class Recommender:
 
 
 def _current(head: CachedState, gen: Generation) -> bool:
-    """The cache is this generation's and reflects the whole log."""
+    """The cache is this generation's, has its shape, and reflects the whole log."""
     kv = head.kv
-    return kv is not None and kv.model_version == gen.version and kv.log_seq == head.seq
+    return (
+        kv is not None
+        and kv.model_version == gen.version
+        and kv.log_seq == head.seq
+        and gen.fits(kv)
+    )
 
 
 def _appendable(kv: KVState | None, seq: int, close: _Close, gen: Generation) -> bool:
@@ -411,6 +435,7 @@ def _appendable(kv: KVState | None, seq: int, close: _Close, gen: Generation) ->
     return (
         kv is not None
         and kv.model_version == gen.version
+        and gen.fits(kv)
         and close.seq == seq
         and kv.log_seq == seq - 1
         and close.record.ended_at > kv.last_ended_at

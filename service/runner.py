@@ -70,6 +70,12 @@ class Generation:
         """Sessions a rebuild reads: the model's receptive field, n_layers · W."""
         return self.config.n_layers * self.config.window
 
+    def fits(self, kv: KVState) -> bool:
+        """The cached K/V has this model's (L, H, n ≤ W, Dh) shape."""
+        c = self.config
+        L, H, n, Dh = kv.k.shape
+        return (L, H, Dh) == (c.n_layers, c.n_heads, c.head_dim) and 0 < n <= c.window
+
     def rows(self, items: Sequence[str]) -> list[int]:
         """Model item indices of the known ``items`` (unknown ones are dropped)."""
         return [r for r in (self.item_rows.get(i) for i in items) if r is not None]
@@ -262,7 +268,7 @@ class Runner:
             flat.sessions(n, dev, gap=torch.tensor(gaps), start=torch.tensor(starts))
         )
         lengths_t = torch.tensor(lengths, dtype=torch.long, device=dev)
-        cache = model.prefill(pad_tokens(tokens, lengths_t), lengths_t)
+        cache = _to_cpu(model.prefill(pad_tokens(tokens, lengths_t), lengths_t))
         return [
             _state(gen, cache, b, seq, end)
             for b, (seq, end) in enumerate(zip(log_seqs, last_end, strict=True))
@@ -284,6 +290,7 @@ class Runner:
         )
         cache = _stack(gen.config, [j.kv for j in jobs], len(jobs), dev)
         _, cache = model.step(tokens, cache, append=True)
+        cache = _to_cpu(cache)
         return [
             _state(gen, cache, b, job.log_seq, job.record.ended_at) for b, job in enumerate(jobs)
         ]
@@ -291,26 +298,33 @@ class Runner:
     # ---- warm-up
 
     def warm(self, gen: Generation) -> None:
-        """Run every bucket once (full caches, context, exclusions) before serving traffic."""
-        cfg = gen.config
-        some_items = list(gen.item_rows)[: min(4, cfg.n_items)]
-        kv = _state_full(gen)
+        """Run every bucket and both cache paths once, before serving traffic."""
         for bucket in self.buckets:
-            jobs = [
-                RecommendJob(
-                    now=int(time.time()),
-                    k=min(50, cfg.n_items),
-                    kv=kv,
-                    context_items=tuple(some_items[:2]),
-                    context_labels=(1, 0)[: len(some_items[:2])],
-                    exclude=tuple(some_items[2:]),
-                )
-                for _ in range(bucket)
-            ]
-            self.recommend(gen, jobs)
+            self.warm_bucket(gen, bucket)
+        self.warm_state_paths(gen)
+
+    def warm_bucket(self, gen: Generation, bucket: int) -> None:
+        """One recommend step at ``bucket`` users (full caches, context, exclusions)."""
+        some_items = list(gen.item_rows)[: min(4, gen.config.n_items)]
+        kv = _state_full(gen)
+        job = RecommendJob(
+            now=int(time.time()),
+            k=min(50, gen.config.n_items),
+            kv=kv,
+            context_items=tuple(some_items[:2]),
+            context_labels=(1, 0)[: len(some_items[:2])],
+            exclude=tuple(some_items[2:]),
+        )
+        self.recommend(gen, [job] * bucket)
+        if gen.device.type == "cuda":
+            torch.cuda.synchronize(gen.device)
+
+    def warm_state_paths(self, gen: Generation) -> None:
+        """A rebuild and an append, once each."""
+        some_items = list(gen.item_rows)[: min(4, gen.config.n_items)]
         record = SessionRecord("warm", 0, 1, tuple(some_items), (1,) * len(some_items))
         self.rebuild(gen, [[record]], [1])
-        self.append(gen, [AppendJob(kv, record, 1)])
+        self.append(gen, [AppendJob(_state_full(gen), record, 1)])
         if gen.device.type == "cuda":
             torch.cuda.synchronize(gen.device)
 
@@ -384,7 +398,7 @@ def _stack(
 
 
 def _state(gen: Generation, cache: KVCache, b: int, log_seq: int, last_ended_at: int) -> KVState:
-    k, v = cache.user(b)  # (L, H, n, Dh)
+    k, v = cache.user(b)  # (L, H, n, Dh); the cache is on the CPU already (_to_cpu)
     return KVState(
         gen.version,
         int(log_seq),
@@ -392,6 +406,11 @@ def _state(gen: Generation, cache: KVCache, b: int, log_seq: int, last_ended_at:
         np.ascontiguousarray(k.float().cpu().numpy()),
         np.ascontiguousarray(v.float().cpu().numpy()),
     )
+
+
+def _to_cpu(cache: KVCache) -> KVCache:
+    """One device → host copy per batch (not one sync per user)."""
+    return KVCache(cache.k.float().cpu(), cache.v.float().cpu(), cache.lengths.cpu())
 
 
 def _state_full(gen: Generation) -> KVState:

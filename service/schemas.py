@@ -140,7 +140,10 @@ class SessionResponse(_Model):
     user_id: str
     session_id: str
     appended: bool = Field(description="false: this session id was already stored")
-    seq: int = Field(description="the user's log sequence number after this call")
+    seq: int = Field(
+        description="the user's log sequence after this call: +1 per stored session; a new "
+        "log (first session, or after expiry or delete) starts from the server clock"
+    )
     cache: CacheUpdate
     unknown_items: list[str] = Field(
         description="items the serving model does not know; stored, ignored by the model"

@@ -34,6 +34,7 @@ saying what is wrong; nothing is interpreted from a truncated or foreign value.
 from __future__ import annotations
 
 import enum
+import math
 import struct
 from dataclasses import dataclass
 
@@ -133,7 +134,7 @@ def decode_kv(data: bytes) -> KVState:
         dtype = KVDType(dtype_code)
     except ValueError:
         raise StateFormatError(f"K/V record: unknown dtype code {dtype_code}") from None
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # Python ints: a corrupt shape cannot overflow
     nbytes = count * dtype.numpy.itemsize
     k = np.frombuffer(reader.take(nbytes), dtype=dtype.numpy).reshape(shape)
     v = np.frombuffer(reader.take(nbytes), dtype=dtype.numpy).reshape(shape)

@@ -8,6 +8,12 @@ below touches a single slot::
     sr:{<user>}:seq   STRING  log sequence number, +1 per appended session
     sr:{<user>}:kv    STRING  encoded KVState (model version + the log seq it reflects)
 
+A log's sequence starts at the Redis server clock in microseconds when the log is created (the
+first session, or the first after the user expired or was deleted), so sequences never repeat
+across a user's lifetimes: a cache tagged by a deleted or expired log, or a write-back still in
+flight when the user was deleted, can never match a new log. The cache takes the sequence
+key's remaining TTL, so it never outlives its log.
+
 Appending is one Lua script: a session id seen before is a no-op (idempotent retries and
 duplicate deliveries), otherwise the record is added, the log trimmed to ``max_sessions``
 (oldest by end time first), the sequence bumped and TTLs refreshed — atomically, so
@@ -18,8 +24,11 @@ the cache is stale. Session ids are remembered for ``max_ids`` sessions (default
 so a late duplicate of an evicted session is still recognised for a long while.
 
 Sizing: a cache rebuilt from the log is exact only when the log holds the model's whole
-receptive field, ``n_layers · window`` sessions (model_store/model.py) — set ``max_sessions``
-to at least that.
+receptive field, ``n_layers · window`` sessions (model_store/model.py), plus one older
+session for the oldest one's time gap — set ``max_sessions`` to at least that.
+
+Ordering: the log is ordered by ``ended_at`` (ties by record bytes). Training orders a user's
+sessions by start time; the two agree unless sessions overlap in time.
 """
 
 from __future__ import annotations
@@ -51,25 +60,38 @@ local seq_now = tonumber(redis.call('GET', KEYS[3]) or '0')
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
   return {0, seq_now}
 end
-local seq = redis.call('INCR', KEYS[3])
+local seq
+if seq_now == 0 then
+  -- A new log (first session ever, or after expiry or DELETE): its sequence starts at the
+  -- server clock in microseconds, above every sequence an earlier log of this user had, so
+  -- no cache tagged by an earlier log can ever match it; a leftover cache is dropped too.
+  local t = redis.call('TIME')
+  seq = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  redis.call('SET', KEYS[3], string.format('%.0f', seq))
+  redis.call('DEL', KEYS[4])
+else
+  seq = redis.call('INCR', KEYS[3])
+end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[4]) + 1))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[5]) + 1))
 local ttl = tonumber(ARGV[6])
 if ttl > 0 then
-  for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ttl) end
+  for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl) end
+  if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('PEXPIRE', KEYS[4], ttl) end
 end
 return {1, seq}
 """
 
+# The cache never outlives its log: it takes the sequence key's remaining TTL.
 _PUT_KV = """
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-if cur ~= tonumber(ARGV[1]) then
+if cur == 0 or cur ~= tonumber(ARGV[1]) then
   return 0
 end
 redis.call('SET', KEYS[2], ARGV[2])
-local ttl = tonumber(ARGV[3])
+local ttl = redis.call('PTTL', KEYS[1])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 return 1
 """
@@ -159,11 +181,11 @@ class RedisStateStore:
     async def _append_pipeline(
         self, sessions: list[tuple[str, SessionRecord]]
     ) -> list[AppendResult]:
+        # EVALSHA directly: redis-py's Script objects add a SCRIPT EXISTS round trip per
+        # pipeline; a NOSCRIPT reply is handled by the caller (load, retry once).
         pipe = self.client.pipeline(transaction=False)
         for user_id, record in sessions:
-            await self._append(
-                keys=list(self.keys(user_id)), args=self._append_args(record), client=pipe
-            )
+            pipe.evalsha(self._append.sha, 4, *self.keys(user_id), *self._append_args(record))
         return [AppendResult(bool(a), int(seq)) for a, seq in await pipe.execute()]
 
     def _append_args(self, record: SessionRecord) -> list:
@@ -176,17 +198,24 @@ class RedisStateStore:
             self.ttl_ms,
         ]
 
-    async def get_many(self, user_ids: list[str]) -> list[UserState]:
-        """Log, sequence number and K/V cache of many users in one pipelined round trip."""
+    async def get_many(self, user_ids: list[str], *, last: int | None = None) -> list[UserState]:
+        """Sequence number, log (the newest ``last`` sessions; all by default) and K/V cache of
+        many users in one pipelined round trip.
+
+        The sequence is read *before* the log: the pipeline is not atomic, so an append may
+        land in between, and this order makes the log at least as new as the sequence — a
+        cache rebuilt from it and tagged with that sequence then fails the compare-and-set
+        instead of claiming a log it does not contain.
+        """
         pipe = self.client.pipeline(transaction=False)
         for user_id in user_ids:
             log_key, _, seq_key, kv_key = self.keys(user_id)
-            pipe.zrange(log_key, 0, -1)
             pipe.get(seq_key)
+            pipe.zrange(log_key, -last if last else 0, -1)
             pipe.get(kv_key)
         replies = await pipe.execute()
         return [
-            self._user_state(user_id, *replies[3 * i : 3 * i + 3])
+            self._user_state(user_id, replies[3 * i + 1], replies[3 * i], replies[3 * i + 2])
             for i, user_id in enumerate(user_ids)
         ]
 
@@ -216,11 +245,8 @@ class RedisStateStore:
         pipe = self.client.pipeline(transaction=False)
         for user_id, state in states:
             _, _, seq_key, kv_key = self.keys(user_id)
-            await self._put_kv(  # queues on the pipeline
-                keys=[seq_key, kv_key],
-                args=[state.log_seq, encode_kv(state, self.kv_dtype), self.ttl_ms],
-                client=pipe,
-            )
+            payload = encode_kv(state, self.kv_dtype)
+            pipe.evalsha(self._put_kv.sha, 2, seq_key, kv_key, state.log_seq, payload)
         return [bool(x) for x in await pipe.execute()]
 
     async def delete_user(self, user_id: str) -> bool:

@@ -50,7 +50,7 @@ def test_the_blocking_client_covers_the_api(world, server):
         cold = client.recommend("cu1", k=7)
         assert cold.source == "cold_start" and len(cold.item_ids) == 7
         closed = client.close_session("cu1", "s1", items, ended_at=1_760_000_000)
-        assert closed.appended is True and closed.seq == 1 and closed.unknown_items == []
+        assert closed.appended is True and closed.seq > 0 and closed.unknown_items == []
         assert client.close_session("cu1", "s1", items, ended_at=1_760_000_000).appended is False
         rec = client.recommend(
             "cu1", k=5, timestamp=1_760_003_600, context_items=[ds.item_ids[3]], exclude=["x"]

@@ -97,13 +97,17 @@ async def make_store(url: str, **kw) -> RedisStateStore:
 def test_append_is_idempotent_ordered_by_end_time_and_bounded(redis_url):
     async def scenario():
         store = await make_store(redis_url)
+        seqs = []
         for i, ended in enumerate([300, 100, 200, 500, 400, 600]):
-            assert (await store.append_session("u1", record(f"s{i}", ended))).appended
+            result = await store.append_session("u1", record(f"s{i}", ended))
+            assert result.appended
+            seqs.append(result.seq)
+        assert seqs == list(range(seqs[0], seqs[0] + 6))  # +1 per session
         again = await store.append_session("u1", record("s5", 600))
-        assert not again.appended and again.seq == 6
+        assert not again.appended and again.seq == seqs[-1]
         (state,) = await store.get_many(["u1"])
         assert [s.ended_at for s in state.sessions] == [300, 400, 500, 600]  # last 4 by time
-        assert state.seq == 6 and state.kv is None
+        assert state.seq == seqs[-1] and state.kv is None
         # An evicted session's id is still remembered: a late duplicate is not re-added.
         assert not (await store.append_session("u1", record("s1", 100))).appended
         await store.client.aclose()
@@ -128,7 +132,10 @@ def test_concurrent_closes_lose_nothing_and_duplicates_add_nothing(redis_url):
         for state in states:
             want = sorted((t, s) for u, s, t in unique if u == state.user_id)
             assert [(r.ended_at, r.session_id) for r in state.sessions] == want
-            assert state.seq == len(want)
+            mine = [
+                r.seq for r, (u, _, _) in zip(results, calls, strict=True) if u == state.user_id
+            ]
+            assert state.seq == max(mine) == min(mine) + len(want) - 1  # no gap, no repeat
         await store.client.aclose()
 
     run(scenario())
@@ -137,13 +144,13 @@ def test_concurrent_closes_lose_nothing_and_duplicates_add_nothing(redis_url):
 def test_kv_write_is_compare_and_set_on_the_log_sequence(redis_url):
     async def scenario():
         store = await make_store(redis_url, kv_dtype=KVDType.FLOAT16)
-        await store.append_session("u1", record("s1", 100))
-        assert await store.put_kv_many([("u1", kv_state(1))]) == [True]
+        first = (await store.append_session("u1", record("s1", 100))).seq
+        assert await store.put_kv_many([("u1", kv_state(first))]) == [True]
         await store.append_session("u1", record("s2", 200))
-        # A cache computed from the older log (seq 1) cannot overwrite anything now.
-        assert await store.put_kv_many([("u1", kv_state(1, n=4))]) == [False]
+        # A cache computed from the older log cannot overwrite anything now.
+        assert await store.put_kv_many([("u1", kv_state(first, n=4))]) == [False]
         (state,) = await store.get_many(["u1"])
-        assert state.seq == 2 and state.kv.log_seq == 1  # readers see it is stale
+        assert state.seq == first + 1 and state.kv.log_seq == first  # readers see it is stale
         assert state.kv.k.dtype == np.float32 and state.kv.k.shape == (2, 2, 3, 4)
         await store.client.aclose()
 
@@ -153,14 +160,41 @@ def test_kv_write_is_compare_and_set_on_the_log_sequence(redis_url):
 def test_ttl_is_set_on_every_key_and_delete_forgets_the_user(redis_url):
     async def scenario():
         store = await make_store(redis_url, ttl_seconds=3600)
-        await store.append_session("u1", record("s1", 100))
-        await store.put_kv_many([("u1", kv_state(1))])
+        seq = (await store.append_session("u1", record("s1", 100))).seq
+        assert await store.put_kv_many([("u1", kv_state(seq))]) == [True]
         for key in store.keys("u1"):
             assert 3500 < await store.client.ttl(key) <= 3600  # read TTL, no waiting
+        # The cache never outlives its log: it takes the sequence key's remaining TTL.
+        await store.client.expire(store.keys("u1")[2], 60)
+        assert await store.put_kv_many([("u1", kv_state(seq))]) == [True]
+        assert 0 < await store.client.ttl(store.keys("u1")[3]) <= 60
         assert await store.delete_user("u1")
         (state,) = await store.get_many(["u1"])
         assert state.sessions == [] and state.seq == 0 and state.kv is None
         assert not await store.delete_user("u1")
+        await store.client.aclose()
+
+    run(scenario())
+
+
+def test_a_deleted_users_new_log_never_matches_an_old_cache(redis_url):
+    """Sequences restart from the server clock, not from 1: a write-back computed before a
+    DELETE (or before expiry) cannot land on the user's next life, and no cache survives it."""
+
+    async def scenario():
+        store = await make_store(redis_url)
+        old = (await store.append_session("u1", record("s1", 100))).seq
+        assert await store.put_kv_many([("u1", kv_state(old))]) == [True]
+        assert await store.delete_user("u1")
+        assert await store.put_kv_many([("u1", kv_state(old))]) == [False]  # no log: refused
+        new = (await store.append_session("u1", record("s9", 900))).seq
+        assert new > old
+        assert await store.put_kv_many([("u1", kv_state(old))]) == [False]  # in-flight, stale
+        await store.client.set(store.keys("u1")[3], encode_kv(kv_state(old)))  # a leftover
+        await store.client.delete(store.keys("u1")[2])  # ... the log's sequence expired
+        await store.append_session("u1", record("s10", 1000))
+        (state,) = await store.get_many(["u1"])
+        assert state.kv is None  # a new log drops whatever cache was left
         await store.client.aclose()
 
     run(scenario())
@@ -195,9 +229,11 @@ def test_the_same_contract_holds_on_a_three_node_cluster(redis_cluster_url):
             *(store.append_session(u, record("s0", 100)) for u in users),  # duplicates
         )
         assert sum(r.appended for r in results) == 36
-        assert await store.put_kv_many([(u, kv_state(3)) for u in users]) == [True] * 12
+        heads = await store.get_kv_many(users)
+        assert await store.put_kv_many([(h.user_id, kv_state(h.seq)) for h in heads]) == [True] * 12
         states = await store.get_many(users)
-        assert all(len(s.sessions) == 3 and s.seq == 3 and s.kv.log_seq == 3 for s in states)
+        assert all(len(s.sessions) == 3 and s.kv.log_seq == s.seq for s in states)
+        assert [s.seq for s in states] == [h.seq for h in heads]
         assert len(slots) > 1
         await client.aclose()
 
