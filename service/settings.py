@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -76,6 +76,13 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(256 * 1024, ge=1024, description="larger request bodies get 413")
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
+
+    @field_validator("admin_token", "redis_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        # `SESSIONREC_ADMIN_TOKEN=` (set but empty, as compose passes an unset variable) means
+        # "not configured", never "the empty token".
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

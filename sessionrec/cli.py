@@ -466,7 +466,7 @@ def cmd_demo(args) -> int:
     settings = _settings(
         registry=args.workdir / "artifacts",
         data_dir=args.workdir / "redis",
-        redis_url=None,
+        embedded=True,
     )
     report, first_user = _backfill(args.workdir / "data" / "synthetic", settings, None, "none", 256)
     print(f"backfilled {report.users} users ({report.sessions} new sessions) into Redis")
@@ -509,15 +509,16 @@ def cmd_backfill(args) -> int:
     return 0
 
 
-def _settings(**overrides):
-    """Settings from the environment, with the flags that were given taking precedence."""
+def _settings(*, embedded: bool = False, **overrides):
+    """Settings from the environment, with the flags that were given taking precedence;
+    ``embedded`` forces the embedded Redis whatever the environment says (the demo)."""
     from pydantic import ValidationError
 
     from service.settings import Settings
 
     given = {k: v for k, v in overrides.items() if v is not None}
-    if "redis_url" in overrides and overrides["redis_url"] is None:
-        given["redis_url"] = None  # the demo always uses its own embedded Redis
+    if embedded:
+        given["redis_url"] = None
     try:
         return Settings(**given)
     except ValidationError as exc:

@@ -201,3 +201,15 @@ def test_backfill_loads_users_once_and_serve_explains_itself(tmp_path, redis_url
     ).stdout
     for flag in ("--host", "--port", "--redis-url", "--registry", "SESSIONREC_"):
         assert flag in serve_help
+
+
+def test_serve_and_backfill_take_the_redis_url_from_the_environment(monkeypatch, tmp_path):
+    from sessionrec.cli import _settings
+
+    monkeypatch.setenv("SESSIONREC_REDIS_URL", "redis://127.0.0.1:6390/0")
+    monkeypatch.setenv("SESSIONREC_ADMIN_TOKEN", "")
+    settings = _settings(registry=tmp_path, model_ref=None, redis_url=None, data_dir=None)
+    assert settings.redis_url == "redis://127.0.0.1:6390/0" and settings.registry == tmp_path
+    assert settings.admin_token is None  # set but empty = admin disabled
+    assert _settings(redis_url="redis://other:1/0").redis_url == "redis://other:1/0"
+    assert _settings(embedded=True).redis_url is None  # the demo's own Redis
