@@ -3,38 +3,45 @@
     .venv/bin/python benchmarks/serve.py --out docs/serve.json
 
 Why: the brief asks for ≥ 3× the throughput with micro-batching on vs off at 64 concurrent
-clients, and for the per-user Redis cost of the state (raw session log + K/V cache) against
-the raw K/V payload. One seeded run measures both, side by side, against real processes:
+clients, and for the per-user Redis cost of the state (raw session log + K/V cache) against the
+raw K/V payload. One seeded run measures both, side by side, against real processes:
 
 1. World. ``training.loaders.prepare("synthetic", n_users=2000, n_items=5000,
    sessions_per_user=20)``; one SessionRec of the default architecture (dim 64, 2 layers,
    2 heads, W = 64) trained for 1 epoch and promoted; a flat FAISS index added to the artifact
    (the calls of ``tests/servers.py::build_registry``). A real redis-server
-   (``tests.servers.RedisProcess``, loopback, AOF on); every user backfilled into db 0 with
-   ``service.backfill.backfill`` (fp32 K/V, the default).
+   (``tests.servers.RedisProcess``: loopback, AOF on); every user backfilled into db 0 with
+   ``service.backfill.backfill`` (fp32 K/V, the service default).
 2. Throughput. For each config — batched (``max_batch`` 64, ``max_wait_ms`` 2) and unbatched
-   (``max_batch`` 1) — ``sessionrec serve`` runs in its own process (``SESSIONREC_*`` env,
-   started and polled on ``GET /readyz`` under a deadline, terminated after). The load
-   generator (this process) runs ``--concurrency`` asyncio workers over one
-   ``httpx.AsyncClient`` (as many connections), each posting ``POST /recommend/session``
-   ``{"user_id", "k": 50}``; users drawn Zipf-like (p ∝ 1/rank^``--zipf``) from the backfilled
-   users, one pre-drawn seeded sequence shared by both configs. ``--warmup`` requests first
-   (excluded), then ``--requests`` measured, each phase also capped by wall time. Recorded:
-   throughput, client-side p50/p95/p99 latency, batch size (``timing.batch_size`` of each
-   response), non-200 count, ``source`` histogram, and CPU seconds of the client, the server
-   and Redis over the measured phase (from /proc): client and server share the 2 cores.
-   ``--rounds`` > 1 repeats the pair in ABBA order.
-3. Redis bytes. For ``--sample`` backfilled users, and for ``--full-users`` users built with
-   exactly ``log_sessions`` (129) sessions so the log and the K/V cache (W = 64 sessions) are
-   both full (their sessions are dataset sessions re-timed, so items per session are as in the
-   data; loaded through the backfill's own calls), ``MEMORY USAGE <key> SAMPLES 0`` of each
-   key, ``STRLEN`` of the K/V string and the encodings; once with fp32 K/V (db 0) and once with
-   fp16 (db 1, ``kv_storage="float16"`` → ``state_store`` writes fp16). One more full user's
-   129 sessions are posted over HTTP (``POST /sessions``) to the batched server, as a check
-   that the service's own write path stores the same bytes.
+   (``max_batch`` 1) — ``sessionrec serve`` runs in its own process (``SESSIONREC_*`` env;
+   polled on ``GET /readyz`` under a deadline; terminated after). Against each server the load
+   generator (this process) runs two clients, one after the other: ``httpx`` (one
+   ``httpx.AsyncClient``, ``max_connections`` = ``--concurrency``) and ``raw`` (one
+   keep-alive HTTP/1.1 connection per worker over asyncio streams, ~0.1 ms of client CPU per
+   request where httpx spends ~6 ms: with httpx the *client* saturates first). Each runs
+   ``--concurrency`` workers posting ``POST /recommend/session {"user_id", "k": 50}``, users
+   drawn Zipf-like (p ∝ 1/rank^``--zipf``) from the backfilled users in one pre-drawn seeded
+   sequence shared by every run; ``--warmup`` requests first (excluded), then ``--requests``
+   measured, each phase also capped in wall time. Recorded: throughput, client-side
+   p50/p95/p99 latency, batch size (``timing.batch_size`` of each response), non-200 count,
+   the ``source`` histogram, the server's own ``timing`` means, and CPU seconds of the
+   client, the server and Redis over the measured phase (/proc): all three share the cores.
+   ``--rounds`` pairs run in ABBA order. Two diagnostics: ``GET /healthz`` driven the same
+   way (the per-request HTTP floor of the server), and ``Runner.recommend`` timed in-process
+   at batch 1 and 64 (the model step + index search alone: what batching can buy at most).
+3. Redis bytes. ``MEMORY USAGE <key> SAMPLES 0`` of each key, ``STRLEN`` of the K/V string
+   and the encodings, for: ``--sample`` backfilled users; ``--full-users`` users built with
+   exactly ``log_sessions`` = 129 sessions (the log full, the K/V cache full at W = 64);
+   ``--long-users`` users built with ``--long-sessions`` sessions (log trimmed to 129, the
+   idempotency id set to its 4 · 129 cap). Built users' sessions are dataset sessions re-timed
+   (items per session as in the data) loaded through the backfill's own calls. Each once with
+   fp32 K/V (db 0) and once with fp16 (db 1, ``kv_storage="float16"`` → ``state_store``
+   writes fp16). One more user's 129 sessions are closed over HTTP (``POST /sessions``) on the
+   batched server: a check that the service's write path stores the same bytes.
 
 Raw K/V payload of a user = n_layers · n_heads · n · head_dim · 2 (K and V) · bytes per value,
-n = cached sessions (≤ W).
+n = cached sessions (≤ W). The server's ``compute_ms`` includes waiting for its single compute
+thread when batches overlap (``max_inflight_batches`` 4), so it bounds the step from above.
 """
 
 from __future__ import annotations
@@ -78,7 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=50)
     p.add_argument("--zipf", type=float, default=1.0, help="user popularity exponent")
     p.add_argument("--time-cap", type=float, default=90.0, help="seconds per measured phase")
-    p.add_argument("--rounds", type=int, default=1, help="config pairs, ABBA order")
+    p.add_argument("--rounds", type=int, default=2, help="config pairs, ABBA order")
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--items", type=int, default=5000)
     p.add_argument("--sessions-per-user", type=float, default=20.0)
@@ -211,7 +218,8 @@ class ServeProcess:
             *("--host", "127.0.0.1", "--port", str(self.port)),
             *("--registry", str(registry), "--redis-url", redis_url),
         ]
-        self.env = {**os.environ, "SESSIONREC_LOG_LEVEL": "warning", **env}
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONREC_")}
+        self.env = {**inherited, "SESSIONREC_LOG_LEVEL": "warning", **env}  # defaults + env
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -238,7 +246,11 @@ class ServeProcess:
                 return False
 
         t0 = time.perf_counter()
-        wait_until(ready, 120, "sessionrec serve to be ready", interval=0.1)
+        try:
+            wait_until(ready, 120, "sessionrec serve to be ready", interval=0.1)
+        except BaseException:
+            self.__exit__()
+            raise
         self.ready_s = time.perf_counter() - t0
         return self
 
@@ -251,6 +263,15 @@ class ServeProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         self._log.close()
+
+
+def busy_seconds() -> tuple[float, float]:
+    """(CPU seconds every process on the machine has used, seconds stolen by the hypervisor),
+    all cores, from /proc/stat."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
 def cpu_seconds(pid: int) -> float:
@@ -311,6 +332,7 @@ async def run_phase(
     statuses: Counter = Counter()
     sources: Counter = Counter()
     batch_sizes: list[int] = []
+    timings: list[tuple[float, float, float, float]] = []
     state = {"next": 0}
     started = time.perf_counter()
     deadline = started + time_cap
@@ -330,7 +352,9 @@ async def run_phase(
             if status == 200 and path == "/recommend/session":
                 out = json.loads(data)
                 sources[out["source"]] += 1
-                batch_sizes.append(int(out["timing"]["batch_size"]))
+                t = out["timing"]
+                batch_sizes.append(int(t["batch_size"]))
+                timings.append((t["total_ms"], t["queue_ms"], t["redis_ms"], t["compute_ms"]))
 
     await asyncio.gather(*(worker(send) for send in senders))
     return {
@@ -339,6 +363,7 @@ async def run_phase(
         "statuses": statuses,
         "sources": sources,
         "batch_sizes": batch_sizes,
+        "timings": timings,
         "capped": state["next"] < len(bodies),
     }
 
@@ -376,12 +401,17 @@ async def drive(
     try:
         await run_phase(senders, warm, 30.0, path)
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        busy0 = busy_seconds()
         phase = await run_phase(senders, bodies, args.time_cap, path)
+        busy1 = busy_seconds()
         cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
     finally:
         for c in close:
             await c()
     phase["cpu_s"] = {name: cpu1[name] - cpu0[name] for name in pids}
+    # Everything else on the machine over the phase (other users of the shared cores).
+    phase["cpu_s"]["other"] = max(0.0, busy1[0] - busy0[0] - sum(phase["cpu_s"].values()))
+    phase["cpu_s"]["steal"] = busy1[1] - busy0[1]
     return phase
 
 
@@ -414,10 +444,28 @@ def summarise(name: str, client: str, phase: dict, settings: dict) -> dict:
         # the start and end of the phase).
         "batch_size_mean_per_batch": round(float(len(sizes) / (1 / np.maximum(sizes, 1)).sum()), 2),
         "sources": dict(phase["sources"]),
+        "server_timing_ms": _server_timing(phase["timings"], sizes),
         "cpu_s": {k: round(v, 2) for k, v in phase["cpu_s"].items()},
+        "other_cores": round(phase["cpu_s"]["other"] / wall, 2),
+        "steal_cores": round(phase["cpu_s"]["steal"] / wall, 2),
         "cpu_ms_per_request": {
             k: round(v * 1000 / max(ok, 1), 3) for k, v in phase["cpu_s"].items()
         },
+    }
+
+
+def _server_timing(timings: list, sizes: np.ndarray) -> dict:
+    """Means of the response's ``timing`` (server side). ``compute_per_request`` spreads each
+    batch's model step + index search over the requests it served."""
+    if not timings:
+        return {}
+    t = np.asarray(timings)
+    return {
+        "total": round(float(t[:, 0].mean()), 2),
+        "queue": round(float(t[:, 1].mean()), 2),
+        "redis_per_batch": round(float(t[:, 2].mean()), 2),
+        "compute_per_batch": round(float(t[:, 3].mean()), 2),
+        "compute_per_request": round(float((t[:, 3] / sizes).mean()), 3),
     }
 
 
@@ -429,8 +477,40 @@ def figure_line(r: dict) -> str:
         f"p50 {lat['p50']:.1f} ms  p95 {lat['p95']:.1f} ms  p99 {lat['p99']:.1f} ms  "
         f"batch {r['batch_size_mean_per_batch']} (per request {r['batch_size_mean_per_request']})"
         f"  non-200 {r['non_200']}  sources {r['sources']}  CPU ms/req client {cpu['client']} "
-        f"server {cpu['server']} redis {cpu['redis']}"
+        f"server {cpu['server']} redis {cpu['redis']}  other processes "
+        f"{r['other_cores']} cores, steal {r['steal_cores']} cores"
     )
+
+
+def runner_only(gen, r: redis.Redis, user_ids: list[str], k: int, repeats: int) -> dict:
+    """``Runner.recommend`` alone (model step + index search, no HTTP, no Redis) at batch 1 and
+    at batch 64 on real cached states: what batching can buy when nothing else costs."""
+    from service.runner import RecommendJob, Runner
+
+    runner = Runner(max_batch=64)
+    runner.warm(gen)
+    now = int(time.time())
+    jobs = [
+        RecommendJob(now=now, k=k, kv=decode_kv(r.get(f"sr:{{{u}}}:kv"))) for u in user_ids[:64]
+    ]
+    times: dict[int, list[float]] = {1: [], 64: []}
+    for i in range(repeats):  # interleaved, so both sizes see the same interference
+        for b in (1, 64):
+            t0 = time.perf_counter()
+            runner.recommend(gen, jobs[i % 64 : i % 64 + 1] if b == 1 else jobs)
+            times[b].append(time.perf_counter() - t0)
+    out = {}
+    for b, ts in times.items():
+        med, low = statistics.median(ts) * 1000, min(ts) * 1000
+        out[f"batch_{b}"] = {
+            "ms_per_call": round(med, 3),
+            "ms_per_call_min": round(low, 3),
+            "ms_per_request": round(med / b, 4),
+        }
+    out["per_request_speedup"] = round(
+        out["batch_1"]["ms_per_request"] / out["batch_64"]["ms_per_request"], 1
+    )
+    return out
 
 
 # ----------------------------------------------------------------------------- bytes
@@ -509,6 +589,21 @@ def _dist(values: list[int]) -> dict:
     }
 
 
+def zset_probe(r: redis.Redis, sizes=(128, 129, 4 * LOG_SESSIONS)) -> dict:
+    """MEMORY USAGE of an id set like the store's (members ``s0`` …, scores 1 …) at sizes
+    around Redis's listpack limit (``zset-max-*-entries``, 128 by default)."""
+    out = {}
+    for n in sizes:
+        r.delete("probe:ids")
+        r.zadd("probe:ids", {f"s{i}": i + 1 for i in range(n)})
+        out[str(n)] = {
+            "memory_usage": int(r.memory_usage("probe:ids", samples=0)),
+            "encoding": r.object("encoding", "probe:ids").decode(),
+        }
+    r.delete("probe:ids")
+    return out
+
+
 async def post_sessions(url: str, user: str, records: list[SessionRecord]) -> Counter:
     """Close ``records`` one by one over HTTP, in order; returns the ``cache`` histogram."""
     out: Counter = Counter()
@@ -547,8 +642,9 @@ def markdown(results: dict) -> str:
     t = results["throughput"]
     lines = [
         "| config | client | req/s | p50 ms | p95 ms | p99 ms | mean batch (per batch / per "
-        "request) | non-200 | sources | CPU ms/req client / server / redis |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "request) | non-200 | sources | CPU ms/req client / server / redis | other procs / steal, "
+        "cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(t["runs"], key=lambda r: (r["client"] != "raw", r["config"], r["round"])):
         lat, cpu = r["latency_ms"], r["cpu_ms_per_request"]
@@ -558,7 +654,8 @@ def markdown(results: dict) -> str:
             f"| {lat['p50']:.1f} | {lat['p95']:.1f} | {lat['p99']:.1f} "
             f"| {r['batch_size_mean_per_batch']:.1f} / {r['batch_size_mean_per_request']:.1f} "
             f"| {r['non_200']} | {src} "
-            f"| {cpu['client']:.2f} / {cpu['server']:.2f} / {cpu['redis']:.2f} |"
+            f"| {cpu['client']:.2f} / {cpu['server']:.2f} / {cpu['redis']:.2f} "
+            f"| {r['other_cores']:.2f} / {r['steal_cores']:.2f} |"
         )
     lines.append("")
     for client, v in t["by_client"].items():
@@ -572,6 +669,14 @@ def markdown(results: dict) -> str:
         lines.append(
             f"HTTP floor (`GET /healthz`, raw client, batched server): {f['throughput_rps']:,.0f} "
             f"req/s, server CPU {f['cpu_ms_per_request']['server']:.2f} ms/req"
+        )
+    st = results.get("runner_only")
+    if st:
+        lines.append(
+            f"`Runner.recommend` alone (step + flat search, no HTTP/Redis): batch 1 "
+            f"{st['batch_1']['ms_per_call']:.2f} ms, batch 64 {st['batch_64']['ms_per_call']:.2f} "
+            f"ms = {st['batch_64']['ms_per_request']:.3f} ms/request "
+            f"({st['per_request_speedup']:g}× per request)"
         )
     lines += [
         "",
@@ -612,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.manual_seed(args.seed)
+        git_info = _git()
         ds, registry, version = build_world(root, args)
         redis_proc = RedisProcess(root / "redis").start()
         url0 = redis_proc.url  # db 0: fp32 K/V (what the servers read)
@@ -717,6 +823,14 @@ def main(argv: list[str] | None = None) -> int:
                 "target_met": ratio >= TARGET_RATIO,
             }
 
+        step = runner_only(gen, r0, [users[i] for i in order[:64]], args.k, 60)
+        print(
+            f"runner only: batch 1 {step['batch_1']['ms_per_call']} ms/call, batch 64 "
+            f"{step['batch_64']['ms_per_call']} ms/call = {step['batch_64']['ms_per_request']} "
+            f"ms/request → {step['per_request_speedup']}× per request",
+            flush=True,
+        )
+
         # ---- bytes
         def rows(r: redis.Redis, names) -> list[dict]:
             return [user_bytes(r, u) for u in names]
@@ -732,6 +846,10 @@ def main(argv: list[str] | None = None) -> int:
             "fp32_post_sessions": rows(r0, [http_user]),
         }
         long_label = f"{args.long_sessions} sessions (log 129, ids {4 * log_sessions})"
+        r2 = redis.Redis.from_url(url0.removesuffix("/0") + "/2")  # db 2: scratch
+        probe = zset_probe(r2)
+        r2.close()
+        print(f"id-set probe (db 2): {probe}", flush=True)
         summaries = [
             bytes_summary(per_user["fp32_sample"], "synthetic sample", "float32"),
             bytes_summary(per_user["fp16_sample"], "synthetic sample", "float16"),
@@ -754,6 +872,7 @@ def main(argv: list[str] | None = None) -> int:
 
         results = {
             "command": ".venv/bin/python benchmarks/serve.py " + " ".join(sys.argv[1:]),
+            "git": git_info,
             "machine": {
                 "cpus": os.cpu_count(),
                 "processor": _cpu_model(),
@@ -800,8 +919,14 @@ def main(argv: list[str] | None = None) -> int:
                 "target": f"batched / unbatched throughput >= {TARGET_RATIO:g}x",
             },
             "http_floor": floor,
+            "runner_only": step,
             "http_checks": http_check,
-            "bytes": {"summaries": summaries, "per_user": per_user},
+            "bytes": {
+                "summaries": summaries,
+                "id_set_probe": probe,
+                # every built user; the sample's users only in the summaries
+                "per_user": {k: v for k, v in per_user.items() if "sample" not in k},
+            },
             "elapsed_s": round(time.perf_counter() - t_start, 1),
         }
         r0.close()
@@ -817,6 +942,23 @@ def main(argv: list[str] | None = None) -> int:
             redis_proc.stop()
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _git() -> dict:
+    """The commit measured, and whether the serving code differed from it."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*cmd: str) -> str:
+        try:
+            out = subprocess.run(
+                ["git", *cmd], cwd=repo, capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return out.stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "service", "sessionrec", "model_store", "index")
+    return {"commit": git("rev-parse", "HEAD"), "serving_code_dirty": bool(dirty)}
 
 
 def _cpu_model() -> str:

@@ -1,4 +1,8 @@
-"""FastAPI dependencies: what routes get from the app's lifespan, and the admin guard."""
+"""FastAPI dependencies: what routes get from the app's lifespan, and the admin guard.
+
+All ``async def``: FastAPI runs a plain ``def`` dependency in its threadpool, a thread hop per
+request that measurably costs throughput (docs/BENCHMARKS.md).
+"""
 
 from __future__ import annotations
 
@@ -14,15 +18,15 @@ from service.settings import Settings
 _bearer = HTTPBearer(auto_error=False, description="SESSIONREC_ADMIN_TOKEN")
 
 
-def get_recommender(request: Request) -> Recommender:
+async def get_recommender(request: Request) -> Recommender:
     return request.app.state.recommender
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def request_id(request: Request) -> str:
+async def request_id(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id", "-")
 
 
@@ -31,7 +35,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 RequestIdDep = Annotated[str, Depends(request_id)]
 
 
-def require_admin(
+async def require_admin(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:

@@ -20,8 +20,11 @@ duplicate deliveries), otherwise the record is added, the log trimmed to ``max_s
 concurrent closes for one user never lose a session. The log, not the cache, is the source of
 truth: a K/V write is a compare-and-set on the sequence number, so a cache computed from an
 older log can never overwrite a newer one, and a reader that sees ``kv.log_seq != seq`` knows
-the cache is stale. Session ids are remembered for ``max_ids`` sessions (default 4× the log)
-so a late duplicate of an evicted session is still recognised for a long while.
+the cache is stale. Session ids are remembered for ``max_ids`` sessions (default: as many as
+the log holds), so a duplicate of any logged session is recognised. More ids would catch later
+duplicates of evicted sessions, but Redis stores a sorted set of more than 128 entries as a
+skiplist (~120 B per id instead of ~9): 516 ids cost 57 KB per user, most of a full cache
+(measured, docs/BENCHMARKS.md).
 
 Sizing: a cache rebuilt from the log is exact only when the log holds the model's whole
 receptive field, ``n_layers · window`` sessions (model_store/model.py), plus one older
@@ -144,7 +147,7 @@ class RedisStateStore:
             raise ValueError("max_sessions must be >= 1")
         self.client = client
         self.max_sessions = max_sessions
-        self.max_ids = max_ids if max_ids is not None else 4 * max_sessions
+        self.max_ids = max_ids if max_ids is not None else max_sessions
         self.ttl_ms = int(ttl_seconds * 1000) if ttl_seconds else 0
         self.prefix = prefix
         self.kv_dtype = kv_dtype

@@ -96,7 +96,7 @@ async def make_store(url: str, **kw) -> RedisStateStore:
 
 def test_append_is_idempotent_ordered_by_end_time_and_bounded(redis_url):
     async def scenario():
-        store = await make_store(redis_url)
+        store = await make_store(redis_url, max_ids=16)
         seqs = []
         for i, ended in enumerate([300, 100, 200, 500, 400, 600]):
             result = await store.append_session("u1", record(f"s{i}", ended))
@@ -108,8 +108,11 @@ def test_append_is_idempotent_ordered_by_end_time_and_bounded(redis_url):
         (state,) = await store.get_many(["u1"])
         assert [s.ended_at for s in state.sessions] == [300, 400, 500, 600]  # last 4 by time
         assert state.seq == seqs[-1] and state.kv is None
-        # An evicted session's id is still remembered: a late duplicate is not re-added.
+        # An evicted session's id is still remembered (max_ids > max_sessions): a late
+        # duplicate is not re-added.
         assert not (await store.append_session("u1", record("s1", 100))).appended
+        (state,) = await store.get_many(["u1"])
+        assert [s.ended_at for s in state.sessions] == [300, 400, 500, 600]
         await store.client.aclose()
 
     run(scenario())
