@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Next-session retrieval: one incremental SessionRec step over Redis state.",
         version="0.1.0",
         lifespan=lifespan,
+        telemetry={"tracing": s.otel, "metrics": s.otel, "logs": s.otel},
     )
     for module in (recommend, sessions, users, ops, admin):
         app.include_router(module.router)

@@ -3,8 +3,9 @@
 Pure ASGI (no ``BaseHTTPMiddleware``), so it adds no task or body copy per request.
 
 * Request id: a valid incoming ``X-Request-ID`` (1-64 of ``A-Za-z0-9._-``) is kept, otherwise
-  one is generated; it is echoed on every response, stored in ``scope["state"]`` for handlers,
-  and attached to every log record emitted while the request runs (`RequestIdFilter`).
+  one is generated (128 random bits, hex); it is echoed on every response, stored in
+  ``scope["state"]`` for handlers, and attached to every log record emitted while the request
+  runs (`RequestIdFilter`).
 * Latency: ``sessionrec_request_seconds{endpoint,method,status}``, where ``endpoint`` is the
   route *template* (``/users/{user_id}``) — never the raw path, so label cardinality is fixed.
 * Body limit: a request whose ``Content-Length`` exceeds the limit, or whose streamed body
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import re
 import time
-import uuid
 
 from starlette.exceptions import HTTPException
 
@@ -41,6 +42,7 @@ class ServiceMiddleware:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self._children: dict[tuple[str, str, int], object] = {}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -48,7 +50,7 @@ class ServiceMiddleware:
             return
         headers = dict(scope.get("headers") or [])
         incoming = headers.get(REQUEST_ID_HEADER, b"")
-        rid = incoming.decode() if _VALID_ID.match(incoming) else uuid.uuid4().hex
+        rid = incoming.decode() if _VALID_ID.match(incoming) else os.urandom(16).hex()
         scope.setdefault("state", {})["request_id"] = rid
         token = request_id_var.set(rid)
         started = time.perf_counter()
@@ -65,19 +67,28 @@ class ServiceMiddleware:
 
         try:
             declared = headers.get(b"content-length")
-            if declared is not None and (
-                not declared.isdigit() or int(declared) > self.max_body_bytes
-            ):
-                await _too_large(send_with_id, self.max_body_bytes)
-            else:
+            if declared is None:  # streamed (chunked) or empty: count as it arrives
                 await self.app(scope, self._limited(receive), send_with_id)
+            elif not declared.isdigit() or int(declared) > self.max_body_bytes:
+                await _too_large(send_with_id, self.max_body_bytes)
+            else:  # the server delivers no more than Content-Length: nothing to count
+                await self.app(scope, receive, send_with_id)
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.request_seconds.labels(endpoint, scope["method"], str(status[0])).observe(
+            self._latency(endpoint, scope["method"], status[0]).observe(
                 time.perf_counter() - started
             )
             request_id_var.reset(token)
+
+    def _latency(self, endpoint: str, method: str, status: int):
+        key = (endpoint, method, status)
+        child = self._children.get(key)
+        if child is None:  # bounded: route templates × methods × status codes
+            child = self._children[key] = self.metrics.request_seconds.labels(
+                endpoint, method, str(status)
+            )
+        return child
 
     def _limited(self, receive):
         seen = 0

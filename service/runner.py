@@ -177,6 +177,10 @@ class Runner:
 
     def __init__(self, max_batch: int) -> None:
         self.buckets = _buckets(max_batch)
+        # Host staging buffers of the batch cache, one per (shape, bucket), reused every
+        # batch: no per-batch allocation on the hot path. Stale values beyond a user's length
+        # are never read (the attention mask excludes them) and are finite (earlier caches).
+        self._staging: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     # ---- the serving step
 
@@ -217,7 +221,7 @@ class Runner:
         model, dev = gen.model, gen.device
         B = len(jobs)
         bucket = self._bucket(B)
-        cache = _stack(gen.config, states, bucket, dev)
+        cache = self._stack(gen.config, states, bucket, dev)
         gap = torch.full((bucket,), float(NO_PREVIOUS))
         start = torch.zeros(bucket, dtype=torch.long)
         ctx = _Flat()
@@ -288,7 +292,7 @@ class Runner:
         tokens = model.encode_sessions(
             flat.sessions(len(jobs), dev, gap=torch.tensor(gaps), start=torch.tensor(starts))
         )
-        cache = _stack(gen.config, [j.kv for j in jobs], len(jobs), dev)
+        cache = self._stack(gen.config, [j.kv for j in jobs], len(jobs), dev)
         _, cache = model.step(tokens, cache, append=True)
         cache = _to_cpu(cache)
         return [
@@ -327,6 +331,31 @@ class Runner:
         self.append(gen, [AppendJob(_state_full(gen), record, 1)])
         if gen.device.type == "cuda":
             torch.cuda.synchronize(gen.device)
+
+    def _stack(
+        self,
+        config: ModelConfig,
+        states: Sequence[KVState | None],
+        bucket: int,
+        dev: torch.device,
+    ) -> KVCache:
+        """Per-user cached K/V (None = empty) → one right-padded (L, bucket, H, W, Dh) cache."""
+        shape = (config.n_layers, bucket, config.n_heads, config.window, config.head_dim)
+        if shape not in self._staging:
+            self._staging[shape] = (np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+        k, v = self._staging[shape]
+        lengths = np.zeros(bucket, dtype=np.int64)
+        for b, state in enumerate(states):
+            if state is not None:
+                n = state.k.shape[2]
+                k[:, b, :, :n] = state.k
+                v[:, b, :, :n] = state.v
+                lengths[b] = n
+        return KVCache(
+            torch.from_numpy(k).to(dev),
+            torch.from_numpy(v).to(dev),
+            torch.from_numpy(lengths).to(dev),
+        )
 
     def _bucket(self, n: int) -> int:
         for b in self.buckets:
@@ -380,21 +409,6 @@ class _Flat:
             start=(start if start is not None else torch.zeros(n)).long().to(dev),
             n=n,
         )
-
-
-def _stack(
-    config: ModelConfig, states: Sequence[KVState | None], bucket: int, dev: torch.device
-) -> KVCache:
-    """Per-user cached K/V (None = empty) → one right-padded (L, bucket, H, W, Dh) cache."""
-    cache = KVCache.empty(config, bucket)
-    for b, state in enumerate(states):
-        if state is None:
-            continue
-        n = state.k.shape[2]
-        cache.k[:, b, :, :n] = torch.from_numpy(state.k)
-        cache.v[:, b, :, :n] = torch.from_numpy(state.v)
-        cache.lengths[b] = n
-    return KVCache(cache.k.to(dev), cache.v.to(dev), cache.lengths.to(dev))
 
 
 def _state(gen: Generation, cache: KVCache, b: int, log_seq: int, last_ended_at: int) -> KVState:

@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(256 * 1024, ge=1024, description="larger request bodies get 413")
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
+    otel: bool = Field(
+        False,
+        description="FastAPI's native OpenTelemetry (traces, metrics, logs to the global "
+        "providers); off: the service's metrics are Prometheus, and it costs per request",
+    )
 
     @field_validator("admin_token", "redis_url", mode="before")
     @classmethod

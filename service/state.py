@@ -139,8 +139,13 @@ def decode_kv(data: bytes) -> KVState:
     k = np.frombuffer(reader.take(nbytes), dtype=dtype.numpy).reshape(shape)
     v = np.frombuffer(reader.take(nbytes), dtype=dtype.numpy).reshape(shape)
     reader.end()
+    # float32 records are used as read (no copy); float16 ones are widened once, here.
     return KVState(
-        model_version, log_seq, last_ended_at, k.astype(np.float32), v.astype(np.float32)
+        model_version,
+        log_seq,
+        last_ended_at,
+        k.astype(np.float32, copy=False),
+        v.astype(np.float32, copy=False),
     )
 
 

@@ -22,6 +22,7 @@ from model_store.store import open_model
 from service.app import redis_client, state_store
 from service.backfill import Holdout, backfill, user_sessions
 from service.runner import load_generation
+from service.schemas import RecommendResponse
 from service.settings import Settings
 from service.state import SessionRecord
 from tests.servers import LiveServer, RedisProcess, build_registry, run, wait_until
@@ -128,6 +129,7 @@ def long_history_users(ds, n, minimum=12):
 def recommend(client, user, **body):
     r = client.post("/recommend/session", json={"user_id": user, "k": K, **body})
     assert r.status_code == 200, r.text
+    RecommendResponse.model_validate(r.json())  # the documented schema, strictly
     return r.json()
 
 
