@@ -845,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
             "fp16_long": rows(r1, long),
             "fp32_post_sessions": rows(r0, [http_user]),
         }
-        long_label = f"{args.long_sessions} sessions (log 129, ids {4 * log_sessions})"
+        long_label = f"{args.long_sessions} sessions (log and ids capped at {log_sessions})"
         r2 = redis.Redis.from_url(url0.removesuffix("/0") + "/2")  # db 2: scratch
         probe = zset_probe(r2)
         r2.close()
