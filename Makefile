@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TOOLS := .venv-tools
 TOOLS_STAMP := $(TOOLS)/.installed
 
-.PHONY: install tools run test lint clean
+.PHONY: install tools run test lint bench clean
 
 install: $(STAMP)
 
@@ -40,6 +40,17 @@ run: $(STAMP)
 test: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -n 2 --dist loadfile --durations=10
+
+# The long runs (hours on 2 CPU cores): every figure of docs/BENCHMARKS.md and docs/img/*.png,
+# each script writing its raw figures to docs/*.json. The quality suite resumes where it
+# stopped (runs/bench/quality/); `benchmarks/gpu.sh` is separate (needs an NVIDIA GPU).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/step.py --out docs/step.json
+	$(BIN)/python benchmarks/ann.py --n 1000000 --d 64 --queries 1000 --clusters 1000 \
+		--seed 0 --out docs/ann.json
+	$(BIN)/python benchmarks/serve.py --out docs/serve.json
+	$(BIN)/python benchmarks/echo.py --out docs/echo.json
+	$(BIN)/python benchmarks/quality.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
