@@ -12,7 +12,11 @@ from __future__ import annotations
 import logging
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from fastapi import FastAPI
+import torch
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -55,6 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await store.load_scripts()
             except (RedisError, RedisClusterException, OSError) as exc:
                 log.warning("redis unavailable at start-up (%s); serving degraded", exc)
+            if s.torch_threads:
+                torch.set_num_threads(s.torch_threads)  # process-wide; the compute thread's
             generation = load_generation(
                 s.registry, s.model_ref, device=s.device.value, log_sessions=s.log_sessions
             )
@@ -79,9 +85,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in (recommend, sessions, users, ops, admin):
         app.include_router(module.router)
+    app.add_exception_handler(RequestValidationError, validation_error)
 
     app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=s.max_body_bytes)
     return app
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own 422, except that an input of bytes that are not UTF-8 (a body sent with a
+    non-JSON content type) is echoed with escapes: FastAPI's encoder would fail on it (a 500)."""
+    detail = jsonable_encoder(exc.errors(), custom_encoder={bytes: _lossy})
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _lossy(data: bytes) -> str:
+    return data.decode("utf-8", "backslashreplace")
 
 
 def redis_client(s: Settings, url: str) -> Redis | RedisCluster:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -183,3 +183,16 @@ class ReloadResponse(_Model):
 
 class ErrorResponse(_Model):
     detail: str
+
+
+class ValidationErrorResponse(_Model):
+    """FastAPI's own 422 body: one entry (``loc``, ``msg``, ``type`` …) per failed rule."""
+
+    detail: list[dict[str, Any]]
+
+
+# What any route with a JSON body can answer before its handler runs (OpenAPI `responses=`).
+BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "the body could not be read (not UTF-8)"},
+    413: {"model": ErrorResponse, "description": "the body is larger than max_body_bytes"},
+}

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     registry: Path = Field(Path("artifacts"), description="model registry directory")
     model_ref: str = Field("current", description="version to serve: current, latest, a name")
     device: Device = Field(Device.AUTO, description="torch device for the model step")
+    torch_threads: int = Field(
+        1,
+        ge=0,
+        le=256,
+        description="torch intra-op threads on CPU; 0 = torch's default (all cores). One "
+        "keeps a core for the event loop: the step is small and batched",
+    )
 
     # --- micro-batching
     max_batch: int = Field(64, ge=1, le=1024, description="recommendations per model step")

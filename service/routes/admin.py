@@ -4,7 +4,13 @@ from fastapi import APIRouter, Depends, HTTPException, status
 
 from service.deps import RecommenderDep, require_admin
 from service.runner import GenerationError
-from service.schemas import ErrorResponse, ReloadRequest, ReloadResponse
+from service.schemas import (
+    BODY_ERRORS,
+    ErrorResponse,
+    ReloadRequest,
+    ReloadResponse,
+    ValidationErrorResponse,
+)
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -13,9 +19,13 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
     "/reload",
     response_model=ReloadResponse,
     responses={
+        **BODY_ERRORS,
         401: {"model": ErrorResponse},
         403: {"model": ErrorResponse},
-        422: {"model": ErrorResponse, "description": "reload refused; old generation serves"},
+        422: {
+            "model": ErrorResponse | ValidationErrorResponse,
+            "description": "reload refused (old generation serves), or an invalid body",
+        },
     },
 )
 async def reload(recommender: RecommenderDep, body: ReloadRequest | None = None) -> ReloadResponse:

@@ -7,7 +7,7 @@ import orjson
 from fastapi import APIRouter, HTTPException, Request, Response, status
 
 from service.batcher import Overloaded
-from service.schemas import ErrorResponse, RecommendRequest, RecommendResponse
+from service.schemas import BODY_ERRORS, ErrorResponse, RecommendRequest, RecommendResponse
 
 router = APIRouter(tags=["recommend"])
 
@@ -15,7 +15,7 @@ router = APIRouter(tags=["recommend"])
 @router.post(
     "/recommend/session",
     response_model=RecommendResponse,
-    responses={503: {"model": ErrorResponse, "description": "overloaded; retry"}},
+    responses={**BODY_ERRORS, 503: {"model": ErrorResponse, "description": "overloaded; retry"}},
 )
 async def recommend_session(body: RecommendRequest, request: Request) -> Response:
     """Top-k items for the session a user is opening, from one incremental model step.

@@ -4,7 +4,7 @@ from fastapi import APIRouter, HTTPException, status
 
 from service.deps import RecommenderDep
 from service.recommender import StoreUnavailable
-from service.schemas import ErrorResponse, SessionRequest, SessionResponse
+from service.schemas import BODY_ERRORS, ErrorResponse, SessionRequest, SessionResponse
 
 router = APIRouter(tags=["sessions"])
 
@@ -12,7 +12,10 @@ router = APIRouter(tags=["sessions"])
 @router.post(
     "/sessions",
     response_model=SessionResponse,
-    responses={503: {"model": ErrorResponse, "description": "state store unavailable; retry"}},
+    responses={
+        **BODY_ERRORS,
+        503: {"model": ErrorResponse, "description": "state store unavailable; retry"},
+    },
 )
 async def close_session(body: SessionRequest, recommender: RecommenderDep) -> SessionResponse:
     """Append a closed session to the user's state, atomically and idempotently on
