@@ -57,7 +57,7 @@ def experiments(args) -> list[dict]:
     present = [d for d in args.datasets if d == "synthetic" or _has_data(d)]
     if "main" in args.only:
         for d in present:
-            for seed in SEEDS:
+            for seed in args.seeds:
                 for model in ("sessionrec", "sasrec"):
                     runs.append({"key": f"main/{d}/{model}/s{seed}", "data": d, "seed": seed,
                                  "train": {"model": model}})  # fmt: skip
@@ -226,6 +226,7 @@ def main(argv=None) -> int:
     p.add_argument("--datasets", nargs="+", default=["synthetic", *REAL])
     p.add_argument("--only", nargs="+", default=["main", "ablation", "scaling"])
     p.add_argument("--globo-users", type=int, default=5_000)
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="main table")
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report", action="store_true", help="only render tables and plots")

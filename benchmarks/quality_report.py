@@ -26,7 +26,11 @@ DATASET_NAMES = {
 
 
 def load(root: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(root.rglob("*.json"))]
+    """Run results only (the trained artifacts live beside them, under ``artifacts/``)."""
+    files = [
+        p for kind in ("main", "ablation", "scaling") for p in sorted((root / kind).rglob("*.json"))
+    ]
+    return [json.loads(p.read_text()) for p in files]
 
 
 def report(root: Path, docs: Path) -> None:
@@ -118,7 +122,10 @@ def markdown(main: dict, ablation: dict, scaling: dict, plots: list[Path]) -> st
         ".venv/bin/python benchmarks/quality.py        # resumable; --report re-renders",
         "```",
         "",
-        f"Machine: {platform.machine()}, 2 CPU cores, no GPU, `--device cpu`, 2 torch threads. "
+        f"Machine: {platform.machine()}, 2 CPU cores, no GPU, `--device cpu`, 1 torch thread per "
+        "run (`--threads 1`; the first runs — synthetic seed 0 and SASRec seed 0, SessionRec seed "
+        "1 — ran with 2 threads while other work shared the cores, so their s/epoch is not "
+        "comparable; the cost columns of Taobao and MIND are). "
         "Each cell is the mean ± sample std over seeds 0-2 (n = seeds run so far). Budget: both "
         "models get the same `TrainConfig` — at most 40 epochs of AdamW (lr 5e-3, 20 warm-up "
         "steps, batch 64 users, 1,024 sampled negatives), early stopping after 5 epochs without "
@@ -139,7 +146,9 @@ def markdown(main: dict, ablation: dict, scaling: dict, plots: list[Path]) -> st
             if model not in models:
                 continue
             m = models[model]
-            n = m.get("recall@50", {}).get("n", 0)
+            if model == "popularity":  # deterministic: one value, no spread
+                m = {k: {**v, "n": 1} for k, v in m.items()}
+            n = m.get("recall@50", {}).get("n", 0) if model != "popularity" else "–"
             cost = [_cell(m.get("seconds_per_epoch"), 1), _cell(m.get("peak_rss_mb"), 0)]
             row = [model, str(n), *(_cell(m.get(k)) for k in METRICS), _cell(m.get("auc"), 3)]
             row += cost
