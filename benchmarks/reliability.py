@@ -56,7 +56,6 @@ import random
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -75,7 +74,13 @@ import redis  # noqa: E402
 from benchmarks.serve import RawConnection, _cpu_model, _git  # noqa: E402
 from service.state import decode_session  # noqa: E402
 from service.store import RedisStateStore  # noqa: E402
-from tests.servers import RedisProcess, build_registry, free_port, wait_until  # noqa: E402
+from tests.servers import (  # noqa: E402
+    RedisProcess,
+    ServeProcess,
+    build_registry,
+    free_port,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "reliability-admin-token"
@@ -109,33 +114,8 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------- processes
 
 
-class Serve:
-    """``python -m sessionrec serve`` on a fixed port, configured by SESSIONREC_* env."""
-
-    def __init__(self, port: int, env: dict, log_path: Path) -> None:
-        self.port = port
-        self.log_path = log_path
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONREC_")}
-        self.env = {**inherited, **env}
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Serve:
-        with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sessionrec", "serve", "--port", str(self.port)],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+class Serve(ServeProcess):
+    """The real service process, with the readiness watch of the restart scenario."""
 
     def watch_readiness(self, version: str, timeout: float = 120) -> dict:
         """Probe ``/readyz`` every ~10 ms from the start until the first 200; each probe is
@@ -173,17 +153,6 @@ class Serve:
             ),
             "serving_line_before_first_200": f"serving {version}" in text,
         }
-
-    def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        return self.proc.returncode
 
 
 def kill_redis(redis_proc: RedisProcess) -> float:

@@ -4,8 +4,11 @@ tiny trained model registry. Everything waits on readiness under a deadline, nev
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +19,8 @@ import uvicorn
 from service.app import create_app
 from service.embedded import redis_server_binary
 from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -80,6 +85,48 @@ class RedisProcess:
             self.proc.terminate()
             self.proc.wait(timeout=10)
         self.proc = None
+
+
+class ServeProcess:
+    """``python -m sessionrec serve`` as a real process on a fixed port, configured only by the
+    given SESSIONREC_* env (inherited ones are dropped), its output in a log file."""
+
+    def __init__(self, port: int, env: dict, log_path: Path) -> None:
+        self.port = port
+        self.log_path = log_path
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONREC_")}
+        self.env = {**inherited, **env}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sessionrec", "serve", "--port", str(self.port)],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """Signal it (SIGTERM: a graceful shutdown), wait, kill as a fallback; the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        return self.proc.returncode
 
 
 class LiveServer:

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import shutil
 import signal
 import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -33,6 +30,7 @@ import redis
 from service.settings import Settings
 from service.state import decode_session
 from service.store import RedisStateStore
+from tests import servers
 from tests.servers import LiveServer, RedisProcess, build_registry, free_port, run, wait_until
 
 K = 10
@@ -529,33 +527,8 @@ def test_reload_under_load_drops_no_request_and_a_broken_artifact_is_refused(wor
 # ----------------------------------------------------------------------------- service restart
 
 
-class ServeProcess:
-    """``python -m sessionrec serve`` configured by SESSIONREC_* env, log to a file."""
-
-    def __init__(self, port: int, env: dict, log_path: Path) -> None:
-        self.port = port
-        self.log_path = log_path
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONREC_")}
-        self.env = {**inherited, **env}
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> ServeProcess:
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sessionrec", "serve", "--port", str(self.port)],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+class ServeProcess(servers.ServeProcess):
+    """The real service process, watched for readiness during its start-up."""
 
     def watch_readiness(self, timeout: float = 90) -> list[tuple[float, str, int | None]]:
         """Poll ``/readyz`` every ~10 ms from the start until the first 200. Each observation
@@ -589,16 +562,6 @@ class ServeProcess:
             if time.monotonic() - started > timeout:
                 raise AssertionError(f"not ready within {timeout} s:\n{self.log()[-3000:]}")
             time.sleep(0.01)  # polling a condition under a deadline
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
 
 
 def test_a_restarted_service_process_keeps_state_and_is_not_ready_until_warm(
