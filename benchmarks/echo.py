@@ -53,7 +53,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
@@ -70,7 +69,7 @@ from benchmarks.serve import (  # noqa: E402
     busy_seconds,
     cpu_seconds,
 )
-from loadtests.run import free_port, start_everything, stop_process  # noqa: E402
+from loadtests.run import free_port, start_everything, stop_process, wait_ready  # noqa: E402
 
 PATH = "/recommend/session"
 TARGET_THROUGHPUT = 0.5
@@ -145,21 +144,6 @@ def find_child(needles: tuple[str, ...]) -> int:
     raise RuntimeError(f"no child process matching {needles}")
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the echo server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)  # polling readiness under a deadline
-    raise RuntimeError(f"the echo server was not healthy within {timeout} s")
-
-
 def start_echo(stack: ExitStack, log_path: Path) -> tuple[str, subprocess.Popen]:
     port = free_port()
     out = log_path.open("w")
@@ -172,7 +156,7 @@ def start_echo(stack: ExitStack, log_path: Path) -> tuple[str, subprocess.Popen]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     stack.callback(stop_process, proc)
     url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, proc)
+    wait_ready(url, proc, 60.0, path="/healthz", what="the echo server")
     return url, proc
 
 

@@ -78,6 +78,7 @@ from tests.servers import (  # noqa: E402
     RedisProcess,
     ServeProcess,
     build_registry,
+    first_pong,
     free_port,
     wait_until,
 )
@@ -153,32 +154,6 @@ class Serve(ServeProcess):
             ),
             "serving_line_before_first_200": f"serving {version}" in text,
         }
-
-
-def kill_redis(redis_proc: RedisProcess) -> float:
-    redis_proc.proc.send_signal(signal.SIGKILL)
-    redis_proc.proc.wait(timeout=10)
-    return time.monotonic()
-
-
-async def first_pong(port: int, timeout: float) -> float:
-    """When the first raw ``PING`` answered ``+PONG`` was sent (probes every ~5 ms)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        sent = time.monotonic()
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            try:
-                writer.write(b"PING\r\n")
-                line = await asyncio.wait_for(reader.readline(), 1.0)
-            finally:
-                writer.close()
-            if line.startswith(b"+PONG"):
-                return sent
-        except (OSError, TimeoutError):
-            pass
-        await asyncio.sleep(0.005)  # polling a condition under a deadline
-    raise RuntimeError(f"redis did not answer PING within {timeout} s")
 
 
 def redis_blocked(port: int) -> bool:
@@ -415,7 +390,7 @@ async def redis_kill(args, svc: Serve, redis_proc: RedisProcess, mix: Mix) -> di
     load = Load(svc.port, args.clients, mix, args.max_requests, args.duration + 60).start()
     try:
         await hold_until(load.started + args.duration / 3)
-        t_kill = kill_redis(redis_proc)
+        t_kill = redis_proc.kill()
         await hold_until(t_kill + args.outage)
         pong = asyncio.create_task(first_pong(redis_proc.port, 30))
         await asyncio.to_thread(redis_proc.start)
@@ -450,7 +425,7 @@ async def close_storm(args, svc: Serve, redis_proc: RedisProcess, storm: Storm) 
     load = Load(svc.port, args.clients, storm, args.max_requests, args.duration + 60).start()
     try:
         await hold_until(load.started + args.duration / 2)
-        t_kill = kill_redis(redis_proc)
+        t_kill = redis_proc.kill()
         await hold_until(t_kill + args.outage)
         pong = asyncio.create_task(first_pong(redis_proc.port, 30))
         await asyncio.to_thread(redis_proc.start)

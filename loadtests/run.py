@@ -157,19 +157,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(host: str, proc: subprocess.Popen, timeout: float) -> None:
+def wait_ready(
+    host: str, proc: subprocess.Popen, timeout: float, path: str = "/readyz", what="the service"
+) -> None:
+    """Poll ``GET path`` until a 200, under a deadline; fail at once if ``proc`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the service exited with {proc.returncode} (see service.log)")
+            raise SystemExit(f"{what} exited with {proc.returncode} (see its log)")
         try:
-            with urllib.request.urlopen(f"{host}/readyz", timeout=2) as r:
+            with urllib.request.urlopen(f"{host}{path}", timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
             pass
         time.sleep(0.1)  # polling readiness under a deadline
-    raise SystemExit(f"the service was not ready within {timeout} s")
+    raise SystemExit(f"{what} was not ready within {timeout} s")
 
 
 def stop_process(proc: subprocess.Popen) -> None:

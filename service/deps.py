@@ -26,13 +26,8 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-async def request_id(request: Request) -> str:
-    return request.scope.get("state", {}).get("request_id", "-")
-
-
 RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-RequestIdDep = Annotated[str, Depends(request_id)]
 
 
 async def require_admin(

@@ -86,6 +86,35 @@ class RedisProcess:
             self.proc.wait(timeout=10)
         self.proc = None
 
+    def kill(self) -> float:
+        """SIGKILL (no shutdown, no AOF flush beyond fsync policy); returns once the process
+        is gone, as a ``time.monotonic()`` instant."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        return time.monotonic()
+
+
+async def first_pong(port: int, timeout: float) -> float:
+    """Probe the port with a raw ``PING`` every ~5 ms; returns when the first ``+PONG`` was
+    *sent* (Redis answers PING at most one probe interval earlier). A Redis still loading its
+    AOF answers ``-LOADING``, which does not count."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sent = time.monotonic()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(b"PING\r\n")
+                line = await asyncio.wait_for(reader.readline(), 1.0)
+            finally:
+                writer.close()
+            if line.startswith(b"+PONG"):
+                return sent
+        except (OSError, TimeoutError):
+            pass
+        await asyncio.sleep(0.005)  # polling a condition under a deadline
+    raise AssertionError(f"redis on port {port} did not answer PING within {timeout} s")
+
 
 class ServeProcess:
     """``python -m sessionrec serve`` as a real process on a fixed port, configured only by the

@@ -31,7 +31,15 @@ from service.settings import Settings
 from service.state import decode_session
 from service.store import RedisStateStore
 from tests import servers
-from tests.servers import LiveServer, RedisProcess, build_registry, free_port, run, wait_until
+from tests.servers import (
+    LiveServer,
+    RedisProcess,
+    build_registry,
+    first_pong,
+    free_port,
+    run,
+    wait_until,
+)
 
 K = 10
 TOKEN = "fault-admin-token"
@@ -101,28 +109,6 @@ async def until(predicate, timeout: float, what: str) -> None:
         await asyncio.sleep(0.005)  # polling a condition under a deadline
 
 
-async def first_pong(port: int, timeout: float) -> float:
-    """Probe the port with a raw ``PING`` every ~5 ms; returns when the first ``+PONG`` was
-    *sent* (Redis answers PING at most one probe interval earlier). A Redis still loading its
-    AOF answers ``-LOADING``, which does not count."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        sent = time.monotonic()
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            try:
-                writer.write(b"PING\r\n")
-                line = await asyncio.wait_for(reader.readline(), 1.0)
-            finally:
-                writer.close()
-            if line.startswith(b"+PONG"):
-                return sent
-        except (OSError, TimeoutError):
-            pass
-        await asyncio.sleep(0.005)  # polling a condition under a deadline
-    raise AssertionError(f"redis on port {port} did not answer PING within {timeout} s")
-
-
 def recommend_body(user: str, **extra) -> dict:
     return {"user_id": user, "k": K, **extra}
 
@@ -153,13 +139,6 @@ def seed(client: httpx.Client, ds, prefix: str, n_users: int, n_sessions: int = 
     for user in users:
         wait_until(lambda u=user: from_state(u), 10, f"{user} served from state")
     return users
-
-
-def kill(redis_proc: RedisProcess) -> float:
-    """SIGKILL redis-server; returns once the process is gone."""
-    redis_proc.proc.send_signal(signal.SIGKILL)
-    redis_proc.proc.wait(timeout=10)
-    return time.monotonic()
 
 
 def logged_sessions(url: str, users: list[str]) -> dict[str, list[str]]:
@@ -212,7 +191,7 @@ def test_redis_sigkill_under_load_gives_no_5xx_degraded_answers_and_recovery_wit
             )
             try:
                 await until(lambda: sum(h.source == "state" for h in hits) >= 40, 15, "state")
-                marks["kill"] = kill(redis_proc)
+                marks["kill"] = redis_proc.kill()
                 await until(
                     lambda: sum(h.sent > marks["kill"] for h in hits) >= 40, 15, "outage answers"
                 )
@@ -289,7 +268,7 @@ def test_closes_acknowledged_before_a_redis_sigkill_survive_the_aof_restart(worl
             )
             try:
                 await until(lambda: sum(h.status == 200 for h in hits) >= 40, 15, "40 closes")
-                t_kill = kill(redis_proc)
+                t_kill = redis_proc.kill()
                 await until(lambda: sum(h.sent > t_kill for h in hits) >= 8, 15, "outage")
             finally:
                 stop.set()
