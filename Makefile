@@ -42,7 +42,8 @@ test: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/pytest -n 2 --dist loadfile --durations=10
 
 # The long runs (hours on 2 CPU cores): every figure of docs/BENCHMARKS.md and docs/img/*.png,
-# each script writing its raw figures to docs/*.json. The quality suite resumes where it
+# each script writing its raw figures to docs/*.json, which report.py renders into the document's
+# generated blocks and plots (quality.py renders its own). The quality suite resumes where it
 # stopped (runs/bench/quality/); `benchmarks/gpu.sh` is separate (needs an NVIDIA GPU).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step.py --out docs/step.json
@@ -50,6 +51,7 @@ bench: $(STAMP)
 		--seed 0 --out docs/ann.json
 	$(BIN)/python benchmarks/serve.py --out docs/serve.json
 	$(BIN)/python benchmarks/echo.py --out docs/echo.json
+	$(BIN)/python benchmarks/report.py
 	$(BIN)/python benchmarks/quality.py
 
 lint: $(STAMP)

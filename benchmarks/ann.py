@@ -7,7 +7,9 @@ Vectors and queries are draws from one seeded Gaussian mixture (unit-norm centre
 noise), L2-normalised; queries are held out from the catalogue. For each index: build time
 (IVF includes training and nprobe tuning), queries/s through ``ItemIndex.search`` at batch 1
 and 64 (warm-up excluded; CPU unless FAISS sees a GPU), recall@100 against exact search, and
-the serialised index size. One line per config; all figures land in ``--out`` with the command.
+the serialised index size. One line per config, then the Markdown table of docs/BENCHMARKS.md
+(``markdown_table``, also used by ``benchmarks/report.py``); all figures land in ``--out`` with
+the command.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import faiss
 import numpy as np
 
 from index import IndexConfig, IndexKind, ItemIndex, build_index, exact_search, report
+
+RECALL_TARGET = 0.95  # the brief: recall@100 ≥ 0.95 at ≥ 10× the flat index's QPS
+SPEEDUP_TARGET = 10.0
 
 
 def clustered(n: int, d: int, clusters: int, rng: np.random.Generator) -> np.ndarray:
@@ -87,9 +92,49 @@ def main(argv: list[str] | None = None) -> dict:
         "omp_threads": faiss.omp_get_max_threads(),
         "results": results,
     }
+    print(markdown_table(out))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     return out
+
+
+def index_label(row: dict, args: dict) -> str:
+    """The table's name for one config: its kind and the parameters that set its speed."""
+    if row["config"] == "flat":
+        return "flat (`IndexFlatIP`)"
+    if row["config"] == "ivf":
+        return f"IVF (nlist {row['nlist']}, nprobe {row['nprobe']})"
+    if row["config"] == "hnsw":
+        return f"HNSW (M {args['hnsw_m']}, efSearch {row['ef_search']})"
+    return row["config"]
+
+
+def markdown_table(out: dict) -> str:
+    """One row per index from ``--out``'s dict; QPS ratios against the flat index. The ratio of
+    the fastest index (batch 1) reaching recall ≥ ``RECALL_TARGET`` is bold."""
+    rows = out["results"]
+    flat = next((r for r in rows if r["config"] == "flat"), None)
+    ok = [r for r in rows if r["config"] != "flat" and r["recall"] >= RECALL_TARGET]
+    best = max(ok, key=lambda r: r["qps"]["1"])["config"] if ok and flat else None
+    lines = [
+        "| index | build | QPS batch 1 | QPS batch 64 | recall@100 | size "
+        "| vs flat QPS (b1 / b64) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if flat is None:
+            ratio = "—"
+        elif r is flat:
+            ratio = "1×"
+        else:
+            ratio = " / ".join(f"{r['qps'][b] / flat['qps'][b]:.0f}×" for b in ("1", "64"))
+            ratio = f"**{ratio}**" if r["config"] == best else ratio
+        lines.append(
+            f"| {index_label(r, out['args'])} | {r['build_s']:.1f} s | {r['qps']['1']:,.0f} "
+            f"| {r['qps']['64']:,.0f} | {r['recall']:.4f} | {r['index_bytes'] / 2**20:.0f} MiB "
+            f"| {ratio} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

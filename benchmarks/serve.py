@@ -639,6 +639,12 @@ async def check_sources(url: str, users: list[str], k: int) -> Counter:
 
 
 def markdown(results: dict) -> str:
+    """Both tables of docs/BENCHMARKS.md from ``--out``'s dict (what the script prints)."""
+    return throughput_markdown(results) + "\n\n" + bytes_markdown(results)
+
+
+def throughput_markdown(results: dict) -> str:
+    """The batched / unbatched table and its summary bullets."""
     t = results["throughput"]
     lines = [
         "| config | client | req/s | p50 ms | p95 ms | p99 ms | mean batch (per batch / per "
@@ -660,26 +666,31 @@ def markdown(results: dict) -> str:
     lines.append("")
     for client, v in t["by_client"].items():
         lines.append(
-            f"{client} client: batched {v['batched_rps']:,.0f} req/s / unbatched "
+            f"- {client} client: batched {v['batched_rps']:,.0f} req/s / unbatched "
             f"{v['unbatched_rps']:,.0f} req/s = **{v['ratio']:.2f}×** (target ≥ {TARGET_RATIO:g}×:"
             f" {'met' if v['target_met'] else 'not met'})"
         )
     f = results.get("http_floor")
     if f:
         lines.append(
-            f"HTTP floor (`GET /healthz`, raw client, batched server): {f['throughput_rps']:,.0f} "
-            f"req/s, server CPU {f['cpu_ms_per_request']['server']:.2f} ms/req"
+            f"- HTTP floor (`GET /healthz`, raw client, batched server): "
+            f"{f['throughput_rps']:,.0f} req/s, server CPU "
+            f"{f['cpu_ms_per_request']['server']:.2f} ms/req"
         )
     st = results.get("runner_only")
     if st:
         lines.append(
-            f"`Runner.recommend` alone (step + flat search, no HTTP/Redis): batch 1 "
+            f"- `Runner.recommend` alone (step + flat search, no HTTP/Redis): batch 1 "
             f"{st['batch_1']['ms_per_call']:.2f} ms, batch 64 {st['batch_64']['ms_per_call']:.2f} "
             f"ms = {st['batch_64']['ms_per_request']:.3f} ms/request "
-            f"({st['per_request_speedup']:g}× per request)"
+            f"({st['per_request_speedup']:g}× cheaper per request)"
         )
-    lines += [
-        "",
+    return "\n".join(lines)
+
+
+def bytes_markdown(results: dict) -> str:
+    """The Redis bytes-per-user table."""
+    lines = [
         "| users | K/V | sessions in log (min/p50/max) | ids | cached n | log | ids | seq | kv "
         "| total | raw K/V | kv key / raw | total / raw | log / kv key |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
