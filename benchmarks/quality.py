@@ -212,11 +212,16 @@ def drive(args) -> int:
         t = r["test"]
         print(
             f"[{i}/{len(todo)}] {spec['key']}: recall@50 {t['recall@50']:.4f} "
-            f"ndcg@50 {t['ndcg@50']:.4f} auc {t.get('auc', float('nan')):.3f} "
+            f"ndcg@50 {t['ndcg@50']:.4f} auc {_or_nan(t.get('auc')):.3f} "
             f"epochs {r['epochs']} ({r['seconds_per_epoch']:.1f} s/epoch) {took:.0f} s",
             flush=True,
         )
     return 0
+
+
+def _or_nan(x) -> float:
+    """AUC is None where no target session has shown negatives (Globo: clicks only)."""
+    return float("nan") if x is None else float(x)
 
 
 def main(argv=None) -> int:

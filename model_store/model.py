@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+QUERY_TIME = ("gap+hour", "gap", "none")  # time features a query token carries
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -57,9 +59,12 @@ class ModelConfig:
     gap_buckets: int = 32  # log-spaced time-gap buckets (plus bucket 0 = "no previous session")
     use_negatives: bool = True  # ISE pools shown-but-not-engaged items (ablation switch)
     use_context: bool = True  # query token carries request context (ablation switch)
+    query_time: str = "gap+hour"  # time features of the query token: gap+hour | gap | none
     temperature: float = 0.05  # softmax temperature over cosine scores in training
 
     def __post_init__(self) -> None:
+        if self.query_time not in QUERY_TIME:
+            raise ValueError(f"query_time must be one of {QUERY_TIME}, got {self.query_time!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_items < 1 or self.window < 1:
@@ -169,8 +174,9 @@ class TimeFeatures(nn.Module):
     date-specific popularity that does not transfer (Taobao test Recall@50 fell ~10x with it).
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, hour: bool = True) -> None:
         super().__init__()
+        self.use_hour = hour
         self.buckets = config.gap_buckets
         self.gap_emb = nn.Embedding(config.gap_buckets + 1, config.dim)
         self.hour_emb = nn.Embedding(24, config.dim)
@@ -180,9 +186,10 @@ class TimeFeatures(nn.Module):
         nn.init.normal_(self.hour_emb.weight, std=0.02)
 
     def forward(self, gap: Tensor, start: Tensor) -> Tensor:  # (n,), (n,) → (n, d)
-        return self.gap_emb(gap_bucket(gap, self.buckets)) + self.hour_emb(
-            torch.remainder(start // 3600, 24)
-        )
+        x = self.gap_emb(gap_bucket(gap, self.buckets))
+        if self.use_hour:
+            x = x + self.hour_emb(torch.remainder(start // 3600, 24))
+        return x
 
 
 class SessionEncoder(nn.Module):
@@ -248,7 +255,7 @@ class SessionRec(nn.Module):
         self.item_tower = ItemTower(config)
         self.ise = SessionEncoder(config)
         self.session_time = TimeFeatures(config)
-        self.query_time = TimeFeatures(config)
+        self.query_time = TimeFeatures(config, hour=config.query_time == "gap+hour")
         self.next_emb = nn.Parameter(torch.randn(d) * 0.02)
         self.context_proj = nn.Linear(2 * d + 2, d)  # in-session items already shown/clicked
         self.blocks = causal_blocks(
@@ -278,7 +285,8 @@ class SessionRec(nn.Module):
         x = self.next_emb.expand(gap.shape[0], -1)
         if not self.config.use_context:
             return x
-        x = x + self.query_time(gap, start)
+        if self.config.query_time != "none":
+            x = x + self.query_time(gap, start)
         if context is not None and context.items.numel():
             vecs = self.item_tower(context.items)
             pooled = pool_by_label(vecs, context.labels, context.segment, context.n)

@@ -282,6 +282,25 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         help=f"chance a target reveals a prefix as query context [{d.reveal_prob}]",
     )
     g.add_argument(
+        "--reveal-mode",
+        choices=["replace", "extra"],
+        default=d.reveal_mode,
+        help="a revealing query replaces the target's plain query, or is added beside it "
+        f"[{d.reveal_mode}]",
+    )
+    g.add_argument(
+        "--query-time",
+        choices=["gap+hour", "gap", "none"],
+        default=d.query_time,
+        help=f"time features of the query token [{d.query_time}]",
+    )
+    g.add_argument(
+        "--loss-weight",
+        choices=["positive", "session"],
+        default=d.loss_weight,
+        help=f"retrieval loss averaged per positive, or per target session first [{d.loss_weight}]",
+    )
+    g.add_argument(
         "--no-ise-negatives",
         action="store_true",
         help="ablation: session tokens pool positives only",
@@ -356,6 +375,9 @@ def cmd_train(args) -> int:
         temperature=args.temperature,
         rank_alpha=args.rank_alpha,
         reveal_prob=args.reveal_prob,
+        reveal_mode=args.reveal_mode,
+        query_time=args.query_time,
+        loss_weight=args.loss_weight,
         use_negatives=not args.no_ise_negatives,
         use_context=not args.no_context,
         patience=args.patience,

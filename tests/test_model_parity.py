@@ -254,3 +254,23 @@ def test_training_forward_with_real_tokens_equals_serving_path():
             cache = model.prefill(tokens[b : b + 1, : max(p, 1)], torch.tensor([p]))
             served, _ = model.step(queries[b * 3 + j : b * 3 + j + 1], cache, append=False)
             torch.testing.assert_close(served[0], trained[b * 3 + j], atol=ATOL, rtol=0)
+
+
+@torch.inference_mode()
+def test_query_time_setting_decides_which_time_features_reach_the_query_token():
+    torch.manual_seed(0)
+    gaps, hours = torch.tensor([-1.0, 60.0, 86_400.0]), torch.tensor([0, 3_600 * 5, 3_600 * 13])
+    same_gap = torch.full((3,), 600.0)
+    for query_time, gap_matters, hour_matters in [
+        ("gap+hour", True, True),
+        ("gap", True, False),
+        ("none", False, False),
+    ]:
+        config = ModelConfig(n_items=50, dim=16, window=4, query_time=query_time)
+        model = SessionRec(config).eval()
+        by_gap = model.encode_queries(gaps, torch.zeros(3, dtype=torch.long), None)
+        by_hour = model.encode_queries(same_gap, hours, None)
+        assert (not torch.allclose(by_gap[0], by_gap[2])) == gap_matters, query_time
+        assert (not torch.allclose(by_hour[0], by_hour[2])) == hour_matters, query_time
+    with pytest.raises(ValueError, match="query_time"):
+        ModelConfig(n_items=50, query_time="weekday")

@@ -79,6 +79,33 @@ def test_training_batch_targets_every_positive_session_and_reveal_keeps_a_positi
         assert not shown & set(b.pos_item[b.pos_query == q].tolist())
 
 
+def test_reveal_extra_keeps_every_plain_query_and_adds_revealing_ones(ds):
+    users = train_users(ds)[:32]
+    plain = Batcher(ds, BatchConfig()).build(users, Split.TRAIN, np.random.default_rng(0))
+    extra = Batcher(ds, BatchConfig(reveal_prob=1.0, reveal_mode="extra")).build(
+        users, Split.TRAIN, np.random.default_rng(0)
+    )
+
+    # Every target's full positive set is still a target of some query at its position...
+    def targets(b):
+        out = []
+        for q in b.query_valid.flatten().nonzero().flatten().tolist():
+            pos = int(b.query_pos.flatten()[q])
+            items = tuple(sorted(b.pos_item[b.pos_query == q].tolist()))
+            out.append((int(b.users[q // b.query_pos.shape[1]]), pos, items))
+        return out
+
+    assert set(targets(plain)) <= set(targets(extra))
+    # ... and the revealing queries come on top, their revealed items not targets.
+    assert int(extra.query_valid.sum()) > int(plain.query_valid.sum())
+    assert extra.context.items.numel() > 0
+    for q in torch.unique(extra.context.segment)[:20].tolist():
+        shown = set(extra.context.items[extra.context.segment == q].tolist())
+        assert not shown & set(extra.pos_item[extra.pos_query == q].tolist())
+    with pytest.raises(ValueError, match="reveal_mode"):
+        Batcher(ds, BatchConfig(reveal_mode="sometimes"))
+
+
 def test_session_item_cap_keeps_positives_first(ds):
     batcher = Batcher(ds, BatchConfig(max_items=3))
     lengths = np.diff(ds.sess_offsets)
@@ -107,6 +134,27 @@ def test_sampled_softmax_matches_a_hand_computation_and_masks_accidental_hits():
         logits = torch.stack([users[q] @ items[c] / 0.5 - log_q[c] - np.log(3) for c in cands])
         expected.append(-torch.log_softmax(logits, 0)[0])
     torch.testing.assert_close(loss, torch.stack(expected).mean())
+
+
+def test_sampled_softmax_per_query_weighs_every_target_session_equally():
+    g = torch.Generator().manual_seed(1)
+    users = torch.nn.functional.normalize(torch.randn(3, 4, generator=g), dim=-1)
+    items = torch.nn.functional.normalize(torch.randn(8, 4, generator=g), dim=-1)
+    log_q = torch.log(torch.full((8,), 1 / 7))
+    pos_query, pos_items = torch.tensor([0, 0, 0, 2]), torch.tensor([1, 2, 3, 4])
+    negs = torch.tensor([5, 6, 7])
+    args = (users, pos_query, items[pos_items], pos_items, items[negs], negs, log_q, 0.5)
+    per_positive = []
+    for q, p in zip(pos_query.tolist(), pos_items.tolist(), strict=True):
+        cands = [p, *negs.tolist()]
+        logits = torch.stack([users[q] @ items[c] / 0.5 - log_q[c] - np.log(3) for c in cands])
+        per_positive.append(-torch.log_softmax(logits, 0)[0])
+    nll = torch.stack(per_positive)
+    torch.testing.assert_close(sampled_softmax(*args), nll.mean())
+    # Query 0 (three positives) and query 2 (one) count once each; query 1 has none.
+    torch.testing.assert_close(
+        sampled_softmax(*args, per_query=True), (nll[:3].mean() + nll[3]) / 2
+    )
 
 
 def test_pairwise_rank_equals_brute_force():

@@ -27,12 +27,17 @@ from model_store.features import cap_events, session_gap
 from model_store.model import Sessions
 from training.dataset import PreparedDataset, Split
 
+REVEAL_MODES = ("replace", "extra")
+
 
 @dataclass(frozen=True)
 class BatchConfig:
     max_sessions: int = 64  # history sessions per user in one sequence
     max_items: int = 50  # events per session token
     reveal_prob: float = 0.0  # chance a training target reveals a prefix of itself
+    # "replace": the revealing query replaces the plain one (its revealed items stop being
+    # targets); "extra": it is added beside the plain query, which keeps every target.
+    reveal_mode: str = "replace"
 
 
 @dataclass
@@ -100,6 +105,10 @@ class Batcher:
     """Builds `SessionBatch`es for a dataset; the only place that knows the array layout."""
 
     def __init__(self, ds: PreparedDataset, config: BatchConfig) -> None:
+        if config.reveal_mode not in REVEAL_MODES:
+            raise ValueError(
+                f"reveal_mode must be one of {REVEAL_MODES}, got {config.reveal_mode!r}"
+            )
         self.ds = ds
         self.config = config
 
@@ -119,7 +128,7 @@ class Batcher:
         """One batch for ``users``: training targets (``Split.TRAIN``) or held-out sessions."""
         ds, cfg = self.ds, self.config
         hist_items, hist_labels, hist_seg, hist_gap, hist_start = [], [], [], [], []
-        lengths, queries = [], []  # queries: (b, pos, session, gap, start)
+        lengths, queries = [], []  # queries: (b, pos, session, revealed prefix length)
         n_hist = 0
         for b, u in enumerate(users):
             user_first = int(ds.user_offsets[u])
@@ -136,20 +145,25 @@ class Batcher:
             lengths.append(end - first)
             if split == Split.TRAIN:
                 for pos, s in enumerate(range(first, end)):
-                    if ds.ev_label[ds.sess_offsets[s] : ds.sess_offsets[s + 1]].any():
-                        queries.append((b, pos, s))
+                    labels = ds.ev_label[ds.sess_offsets[s] : ds.sess_offsets[s + 1]]
+                    if not labels.any():
+                        continue
+                    cut = 0
+                    if rng is not None and cfg.reveal_prob and rng.random() < cfg.reveal_prob:
+                        cut = _reveal_cut(labels, rng)
+                    if cut and cfg.reveal_mode == "extra":
+                        queries.append((b, pos, s, 0))
+                    queries.append((b, pos, s, cut))
             else:
-                queries.append((b, end - first, target))
+                queries.append((b, end - first, target, 0))
         return self._assemble(
             users,
             lengths,
             queries,
-            split,
-            rng,
             (hist_items, hist_labels, hist_seg, hist_gap, hist_start, n_hist),
         )
 
-    def _assemble(self, users, lengths, queries, split, rng, hist) -> SessionBatch:
+    def _assemble(self, users, lengths, queries, hist) -> SessionBatch:
         ds, cfg = self.ds, self.config
         hist_items, hist_labels, hist_seg, hist_gap, hist_start, n_hist = hist
         B = len(users)
@@ -161,7 +175,7 @@ class Batcher:
         query_start = np.zeros(B * Q, dtype=np.int64)
         ctx, pos, neg = _Ragged(), _Ragged(), _Ragged()
         slot = np.zeros(B, dtype=np.int64)
-        for b, p, s in queries:
+        for b, p, s, cut in queries:
             qi = b * Q + slot[b]
             query_pos[b, slot[b]] = p
             query_valid[b, slot[b]] = True
@@ -170,9 +184,6 @@ class Batcher:
             query_gap[qi] = self.gap(s, user_first)
             query_start[qi] = ds.sess_start[s]
             items, labels = ds.session(s)
-            cut = 0
-            if split == Split.TRAIN and rng is not None and rng.random() < cfg.reveal_prob:
-                cut = _reveal_cut(labels, rng)
             if cut:
                 ctx.add(qi, items[:cut], labels[:cut])
             rest_items, rest_labels = items[cut:], labels[cut:]

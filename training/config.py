@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 MODEL_KINDS = ("sessionrec", "sasrec")
+LOSS_WEIGHTS = ("positive", "session")
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class TrainConfig:
     window: int = 64  # W: sessions per token's attention band and K/V cache
     use_negatives: bool = True  # ISE pools shown negatives
     use_context: bool = True  # query token carries request context
+    query_time: str = "gap+hour"  # time features of the query token: gap+hour | gap | none
     temperature: float = 0.05
     epochs: int = 40
     batch_size: int = 64  # users per step
@@ -29,7 +31,11 @@ class TrainConfig:
     warmup_steps: int = 20
     n_negatives: int = 1024  # sampled catalogue negatives per step
     rank_alpha: float = 0.05  # α of the in-session rank loss
+    # Retrieval loss averaged per positive, or per target session ("session": each session's
+    # positives share one unit of weight, like the per-user metrics). SessionRec only.
+    loss_weight: str = "positive"
     reveal_prob: float = 0.25  # chance a target reveals a prefix of itself as query context
+    reveal_mode: str = "replace"  # the revealing query replaces the plain one | "extra" beside it
     # History sessions per sequence; None = n_layers·window, the model's exact receptive
     # field (see `history_sessions`).
     max_sessions: int | None = None
@@ -43,6 +49,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self) -> None:
+        if self.loss_weight not in LOSS_WEIGHTS:
+            raise ValueError(f"loss_weight must be one of {LOSS_WEIGHTS}, got {self.loss_weight!r}")
         if self.model not in MODEL_KINDS:
             raise ValueError(f"model must be one of {MODEL_KINDS}, got {self.model!r}")
         if self.max_sessions is not None and self.max_sessions < self.receptive_field:

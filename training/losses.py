@@ -48,8 +48,13 @@ def sampled_softmax(
     neg_items: Tensor,  # (M,)
     log_q: Tensor,  # (N+1,) log sampling probability per item
     temperature: float,
+    *,
+    per_query: bool = False,
 ) -> Tensor:
-    """Mean over positives of -log softmax(pos | pos + M sampled negatives), log-Q corrected."""
+    """-log softmax(pos | pos + M sampled negatives), log-Q corrected, averaged over positives
+    — or, with ``per_query``, over each query's positives first and then over queries, so every
+    target session weighs the same whatever its number of positives (the weighting of the
+    per-user Recall/NDCG the model is evaluated on)."""
     m = neg_items.shape[0]
     correction = torch.log(torch.tensor(float(m), device=users.device))
     u = users[pos_query]  # (P, d)
@@ -57,7 +62,11 @@ def sampled_softmax(
     neg_logit = u @ neg_vecs.T / temperature - (log_q[neg_items] + correction)[None]  # (P, M)
     neg_logit = neg_logit.masked_fill(_accidental_hits(pos_query, pos_items, neg_items), -1e9)
     logits = torch.cat([pos_logit[:, None], neg_logit], dim=1)
-    return -F.log_softmax(logits, dim=1)[:, 0].mean()
+    nll = -F.log_softmax(logits, dim=1)[:, 0]  # (P,)
+    if not per_query:
+        return nll.mean()
+    counts = torch.bincount(pos_query).to(nll.dtype)  # positives per query
+    return (nll / counts[pos_query]).sum() / (counts > 0).sum()
 
 
 def pairwise_rank(

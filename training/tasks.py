@@ -81,10 +81,12 @@ class SessionRecTask:
         *,
         rank_alpha: float,
         n_negatives: int,
+        per_session: bool = False,
         device: torch.device,
     ) -> None:
         self.model = model
         self.ds = ds
+        self.per_session = per_session
         self.batcher = Batcher(ds, batch)
         self.eval_batcher = Batcher(ds, BatchConfig(batch.max_sessions, batch.max_items, 0.0))
         self.rank_alpha = rank_alpha
@@ -114,6 +116,7 @@ class SessionRecTask:
             negs,
             self.log_q,
             tau,
+            per_query=self.per_session,
         )
         loss, parts = retrieval, {"retrieval": retrieval.item()}
         if self.rank_alpha > 0 and b.neg_item.numel():

@@ -66,6 +66,7 @@ def build_model(cfg: TrainConfig, ds: PreparedDataset) -> torch.nn.Module:
                 window=cfg.window,
                 use_negatives=cfg.use_negatives,
                 use_context=cfg.use_context,
+                query_time=cfg.query_time,
             )
         )
     with torch.no_grad():
@@ -76,9 +77,15 @@ def build_model(cfg: TrainConfig, ds: PreparedDataset) -> torch.nn.Module:
 def build_task(cfg: TrainConfig, model: torch.nn.Module, ds: PreparedDataset, device):
     if cfg.model == "sasrec":
         return SASRecTask(model, ds, n_negatives=cfg.n_negatives, device=device)
-    batch = BatchConfig(cfg.history_sessions, cfg.max_items, cfg.reveal_prob)
+    batch = BatchConfig(cfg.history_sessions, cfg.max_items, cfg.reveal_prob, cfg.reveal_mode)
     return SessionRecTask(
-        model, ds, batch, rank_alpha=cfg.rank_alpha, n_negatives=cfg.n_negatives, device=device
+        model,
+        ds,
+        batch,
+        rank_alpha=cfg.rank_alpha,
+        n_negatives=cfg.n_negatives,
+        per_session=cfg.loss_weight == "session",
+        device=device,
     )
 
 
