@@ -13,10 +13,16 @@ stopped and ``--report`` can render partial results. Experiments:
 * ``main`` — SessionRec vs the SASRec-style model (same budget: ``TrainConfig`` defaults, the
   same epochs cap, early stopping rule, batch, negatives) vs popularity, seeds 0-2, on every
   dataset present (real ones from ``../shared/datasets``, skipped with a note when absent).
-* ``ablation`` — on Taobao (no session id in the data): ISE negatives off, rank-loss
-  α ∈ {0, 0.01, 0.1} (default 0.05), query context off, session gap 2 h instead of 30 min;
+* ``tuning`` — "make it win": each change tried against the first default (``V1``) on
+  Taobao, MIND and synthetic data, seed 0 (``--tuning-seeds`` for more); see ``TUNING``.
+* ``ablation`` — one change at a time against the current default, on every dataset where it
+  means something: ISE negatives off, rank-loss α ∈ {0, 0.01, 0.1} (default 0.05), query
+  context off, and on Taobao (no session id in the data) a 2 h session gap instead of 30 min;
   seed 0 (``--ablation-seeds`` for more).
-* ``scaling`` — synthetic data: model width (dim 16-128) and training-data fraction.
+* ``reference`` (always, no training) — popularity, popularity over impression sessions only
+  and the user's recent items, per dataset.
+* ``scaling`` — synthetic data: model width (dim 16-128) and the share of users whose sessions
+  are training targets (``user_fraction``; every user still has its history at evaluation).
 
 Dataset sizes are fixed here (a Globo sample of 5,000 users; all of the Taobao and MIND
 subsets) so the suite fits a few CPU hours; ``--globo-users`` changes it.
@@ -37,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 OUT = ROOT / "runs" / "bench" / "quality"
 SEEDS = (0, 1, 2)
 REAL = ("taobao", "mind", "globo")
+KINDS = ("main", "tuning", "ablation", "scaling")
 
 
 def dataset_specs(args) -> dict[str, dict]:
@@ -51,39 +58,75 @@ def dataset_specs(args) -> dict[str, dict]:
     return specs
 
 
+# The first default (v1): the query token carries the gap and hour of the request, and a
+# quarter of the training targets are *replaced* by a query that reveals a prefix of them.
+V1 = {"query_time": "gap+hour", "reveal_mode": "replace", "reveal_prob": 0.25,
+      "use_context": True, "loss_weight": "positive", "rank_alpha": 0.05}  # fmt: skip
+
+# "Make it win": each change tried against V1, spelled out in full so the runs mean the same
+# whatever TrainConfig's defaults are later. Seed 0 unless --tuning-seeds says otherwise.
+TUNING = {
+    "v1-default": {},
+    "reveal-0": {"reveal_prob": 0.0},
+    "no-context": {"use_context": False},
+    "no-context-reveal-0": {"use_context": False, "reveal_prob": 0.0},
+    "qt-gap": {"query_time": "gap"},
+    "qt-none": {"query_time": "none"},
+    "reveal-extra": {"reveal_mode": "extra"},
+    "extra-qt-none": {"reveal_mode": "extra", "query_time": "none"},
+    "sess-weight": {"loss_weight": "session"},
+}
+TUNING_DATASETS = ("taobao", "mind", "synthetic")
+
+# Ablations of the current default, on every dataset where they mean something: no shown
+# negatives in Globo (the ISE and rank-loss switches change nothing there) and session ids
+# everywhere but Taobao (the gap rule only cuts Taobao's sessions).
+ABLATIONS = {
+    "no-ise-negatives": {"use_negatives": False},
+    "alpha-0": {"rank_alpha": 0.0},
+    "alpha-0.01": {"rank_alpha": 0.01},
+    "alpha-0.1": {"rank_alpha": 0.1},
+    "no-context": {"use_context": False},
+}
+NEEDS_NEGATIVES = {"no-ise-negatives", "alpha-0", "alpha-0.01", "alpha-0.1"}
+
+
 def experiments(args) -> list[dict]:
     """Every run of the suite as a spec; ``key`` names its result file."""
     runs = []
     present = [d for d in args.datasets if d == "synthetic" or _has_data(d)]
+
+    def add(kind: str, name: str, variant: str, seed: int, train: dict, **extra) -> None:
+        key = f"{kind}/{name}/{variant}/s{seed}"
+        runs.append({"key": key, "data": name, "seed": seed, "train": train, **extra})
+
     if "main" in args.only:
         for d in present:
             for seed in args.seeds:
                 for model in ("sessionrec", "sasrec"):
-                    runs.append({"key": f"main/{d}/{model}/s{seed}", "data": d, "seed": seed,
-                                 "train": {"model": model}})  # fmt: skip
-    if "ablation" in args.only and _has_data("taobao"):
-        # One seed per variant (the 3-seed spread of the default is in the main table).
-        variants = {
-            "no-ise-negatives": {"use_negatives": False},
-            "alpha-0": {"rank_alpha": 0.0},
-            "alpha-0.01": {"rank_alpha": 0.01},
-            "alpha-0.1": {"rank_alpha": 0.1},
-            "no-context": {"use_context": False},
-        }
+                    add("main", d, model, seed, {"model": model})
+    if "tuning" in args.only:
+        for seed in args.tuning_seeds:
+            for d in (d for d in TUNING_DATASETS if d in present):
+                for name, change in TUNING.items():
+                    add("tuning", d, name, seed, {"model": "sessionrec", **V1, **change})
+    if "ablation" in args.only:
         for seed in args.ablation_seeds:
-            for name, change in variants.items():
-                runs.append({"key": f"ablation/taobao/{name}/s{seed}", "data": "taobao",
-                             "seed": seed, "train": {"model": "sessionrec", **change}})  # fmt: skip
-            runs.append({"key": f"ablation/taobao/gap-2h/s{seed}", "data": "taobao-gap2h",
-                         "seed": seed, "train": {"model": "sessionrec"}})  # fmt: skip
+            for d in present:
+                for name, change in ABLATIONS.items():
+                    if d == "globo" and name in NEEDS_NEGATIVES:
+                        continue
+                    add("ablation", d, name, seed, {"model": "sessionrec", **change})
+            if "taobao" in present:
+                # Same users, sessions cut on a 2 h gap instead of 30 min.
+                add("ablation", "taobao", "gap-2h", seed, {"model": "sessionrec"},
+                    data="taobao-gap2h")  # fmt: skip
     if "scaling" in args.only:
         for dim in (16, 32, 64, 128):
-            runs.append({"key": f"scaling/synthetic/dim-{dim}/s0", "data": "synthetic", "seed": 0,
-                         "train": {"model": "sessionrec", "dim": dim}})  # fmt: skip
+            add("scaling", "synthetic", f"dim-{dim}", 0, {"model": "sessionrec", "dim": dim})
         for frac in (0.125, 0.25, 0.5, 1.0):
-            runs.append({"key": f"scaling/synthetic/data-{frac}/s0", "data": "synthetic",
-                         "seed": 0, "fraction": frac,
-                         "train": {"model": "sessionrec"}})  # fmt: skip
+            train = {"model": "sessionrec", "user_fraction": frac}
+            add("scaling", "synthetic", f"data-{frac}", 0, train)
     return runs
 
 
@@ -122,9 +165,6 @@ def run_one(spec: dict, args) -> dict:
 
     torch.set_num_threads(args.threads)
     ds = PreparedDataset.load(prepared(spec["data"], args))
-    fraction = spec.get("fraction", 1.0)
-    if fraction < 1.0:  # train on a fraction of the users, evaluate on all
-        ds = _subsample_training(ds, fraction, seed=spec["seed"])
     cfg = TrainConfig(**{**spec["train"], "seed": spec["seed"], "device": "cpu"})
     registry = Registry(OUT / "artifacts" / spec["key"].replace("/", "_"))
     started = time.perf_counter()
@@ -147,46 +187,27 @@ def run_one(spec: dict, args) -> dict:
     return result
 
 
-def _subsample_training(ds, fraction: float, seed: int):
-    """Drop the training sessions of a random (1 - fraction) of the users that have no
-    held-out session; held-out users keep everything, so the test set is unchanged."""
-    import numpy as np
+def references(args) -> None:
+    """Scorers that need no training, once per dataset (``reference/<dataset>.json``):
+    popularity, popularity over impression sessions only (where the data has shown
+    negatives), and the user's own recent items (how much of a dataset is re-engagement)."""
+    from training.dataset import PreparedDataset, Split
+    from training.evaluate import evaluate
+    from training.tasks import PopularityScorer, RecentItemsScorer
 
-    from training.dataset import Split
-
-    rng = np.random.default_rng(seed)
-    held = np.zeros(ds.n_users, dtype=bool)
-    held[ds.sess_user[ds.sess_split != Split.TRAIN]] = True
-    candidates = np.flatnonzero(~held)
-    drop = set(rng.choice(candidates, int(len(candidates) * (1 - fraction)), replace=False))
-    return _select_users(ds, [u for u in range(ds.n_users) if u not in drop])
-
-
-def _select_users(ds, users: list[int]):
-    import numpy as np
-
-    from training.dataset import PreparedDataset
-
-    sess = np.concatenate([np.arange(ds.user_offsets[u], ds.user_offsets[u + 1]) for u in users])
-    ev = np.concatenate([np.arange(ds.sess_offsets[s], ds.sess_offsets[s + 1]) for s in sess])
-    counts = np.array([ds.user_offsets[u + 1] - ds.user_offsets[u] for u in users])
-    sess_len = np.diff(ds.sess_offsets)[sess]
-    remap = {u: i for i, u in enumerate(users)}
-    return PreparedDataset(
-        meta={**ds.meta, "counts": {**ds.meta.get("counts", {}), "n_users": len(users)}},
-        user_ids=[ds.user_ids[u] for u in users],
-        item_ids=ds.item_ids,
-        category_ids=ds.category_ids,
-        item_category=ds.item_category,
-        user_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        sess_user=np.array([remap[int(u)] for u in ds.sess_user[sess]], dtype=np.int32),
-        sess_start=ds.sess_start[sess],
-        sess_end=ds.sess_end[sess],
-        sess_split=ds.sess_split[sess],
-        sess_offsets=np.concatenate([[0], np.cumsum(sess_len)]).astype(np.int64),
-        ev_item=ds.ev_item[ev],
-        ev_label=ds.ev_label[ev],
-    )
+    for d in (d for d in args.datasets if d == "synthetic" or _has_data(d)):
+        path = OUT / "reference" / f"{d}.json"
+        if path.exists():
+            continue
+        ds = PreparedDataset.load(prepared(d, args))
+        scorers = {"popularity": PopularityScorer(ds), "recent-items": RecentItemsScorer(ds)}
+        if (ds.ev_label == 0).any():
+            scorers["impression-popularity"] = PopularityScorer(ds, impressions_only=True)
+        result = {name: evaluate(s, ds, Split.TEST) for name, s in scorers.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1, default=float))
+        print(f"reference {d}: " + ", ".join(
+            f"{n} R@50 {r['recall@50']:.4f}" for n, r in result.items()), flush=True)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- driver
@@ -197,6 +218,7 @@ def drive(args) -> int:
     missing = [d for d in args.datasets if d != "synthetic" and not _has_data(d)]
     for d in missing:
         print(f"skipped {d}: ../shared/datasets has no such dataset here")
+    references(args)
     todo = [r for r in runs if not (OUT / f"{r['key']}.json").exists()]
     print(f"{len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to go", flush=True)
     for i, spec in enumerate(todo, 1):
@@ -229,10 +251,11 @@ def main(argv=None) -> int:
     p.add_argument("command", nargs="?", default="drive", choices=["drive", "run"])
     p.add_argument("spec", nargs="?", help="run: the JSON spec")
     p.add_argument("--datasets", nargs="+", default=["synthetic", *REAL])
-    p.add_argument("--only", nargs="+", default=["main", "ablation", "scaling"])
+    p.add_argument("--only", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--globo-users", type=int, default=5_000)
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="main table")
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--tuning-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report", action="store_true", help="only render tables and plots")
     p.add_argument("--no-report", action="store_true", help="only run, render nothing")

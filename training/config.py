@@ -22,7 +22,10 @@ class TrainConfig:
     window: int = 64  # W: sessions per token's attention band and K/V cache
     use_negatives: bool = True  # ISE pools shown negatives
     use_context: bool = True  # query token carries request context
-    query_time: str = "gap+hour"  # time features of the query token: gap+hour | gap | none
+    # Time features of the query token: gap+hour | gap | none. "none" since the quality work of
+    # issue 6: with them the query token fitted time-specific popularity that did not transfer
+    # to the held-out sessions (docs/BENCHMARKS.md, "What was tried").
+    query_time: str = "none"
     temperature: float = 0.05
     epochs: int = 40
     batch_size: int = 64  # users per step
@@ -35,7 +38,10 @@ class TrainConfig:
     # positives share one unit of weight, like the per-user metrics). SessionRec only.
     loss_weight: str = "positive"
     reveal_prob: float = 0.25  # chance a target reveals a prefix of itself as query context
-    reveal_mode: str = "replace"  # the revealing query replaces the plain one | "extra" beside it
+    # "extra": a revealing query is added beside the target's plain query, which keeps every
+    # target; "replace" (the first default) trades the plain query for it, so a quarter of the
+    # targets lost their revealed items and the plain query trained on fewer sessions.
+    reveal_mode: str = "extra"
     # History sessions per sequence; None = n_layers·window, the model's exact receptive
     # field (see `history_sessions`).
     max_sessions: int | None = None
@@ -45,10 +51,13 @@ class TrainConfig:
     min_epochs: int = 10  # ... counted only after this many (validation is ~0 at first)
     val_users: int = 2000  # validation users sampled for early stopping (0 = all)
     time_budget_s: float | None = None  # stop after this much training time
+    user_fraction: float = 1.0  # train on a seeded sample of this share of the training users
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.user_fraction <= 1.0:
+            raise ValueError(f"user_fraction must be in (0, 1], got {self.user_fraction}")
         if self.loss_weight not in LOSS_WEIGHTS:
             raise ValueError(f"loss_weight must be one of {LOSS_WEIGHTS}, got {self.loss_weight!r}")
         if self.model not in MODEL_KINDS:

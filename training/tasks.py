@@ -28,20 +28,37 @@ class Scorer(Protocol):
         padding and ignored."""
 
 
-def positive_counts(ds: PreparedDataset, splits: tuple[Split, ...] = (Split.TRAIN,)) -> np.ndarray:
-    """(N+1,) positives per item over sessions of the given splits."""
+def positive_counts(
+    ds: PreparedDataset,
+    splits: tuple[Split, ...] = (Split.TRAIN,),
+    *,
+    impressions_only: bool = False,
+) -> np.ndarray:
+    """(N+1,) positives per item over sessions of the given splits; ``impressions_only``
+    counts only sessions that also show a not-engaged item (MIND: the impressions, not the
+    click-history pseudo-session)."""
     ev_session = np.repeat(np.arange(ds.n_sessions), np.diff(ds.sess_offsets))
     keep = (ds.ev_label > 0) & np.isin(ds.sess_split[ev_session], list(splits))
+    if impressions_only:
+        shown = np.zeros(ds.n_sessions, dtype=bool)
+        shown[ev_session[ds.ev_label == 0]] = True
+        keep &= shown[ev_session]
     return np.bincount(ds.ev_item[keep], minlength=ds.n_items + 1).astype(np.float64)
 
 
 class PopularityScorer:
-    """Most-engaged items first; counts every positive the model may see for the split."""
+    """Most-engaged items first; counts every positive the model may see for the split
+    (``impressions_only``: only those of sessions with shown negatives — a reference for
+    how far a non-personal "what is being clicked on screens now" list goes)."""
 
-    def __init__(self, ds: PreparedDataset) -> None:
+    def __init__(self, ds: PreparedDataset, *, impressions_only: bool = False) -> None:
+        def counts(splits):
+            c = positive_counts(ds, splits, impressions_only=impressions_only)
+            return torch.from_numpy(c).float()
+
         self.by_split = {
-            Split.VAL: torch.from_numpy(positive_counts(ds, (Split.TRAIN,))).float(),
-            Split.TEST: torch.from_numpy(positive_counts(ds, (Split.TRAIN, Split.VAL))).float(),
+            Split.VAL: counts((Split.TRAIN,)),
+            Split.TEST: counts((Split.TRAIN, Split.VAL)),
         }
 
     def score(self, users: np.ndarray, split: Split) -> Tensor:

@@ -96,6 +96,9 @@ def train(cfg: TrainConfig, ds: PreparedDataset, *, progress: bool = True) -> Tr
     device = resolve_device(cfg.device)
     model = build_model(cfg, ds).to(device)
     task = build_task(cfg, model, ds, device)
+    if cfg.user_fraction < 1.0:  # scaling runs: less training data, same evaluation users
+        keep = max(1, round(len(task.users) * cfg.user_fraction))
+        task.users = np.sort(rng.choice(task.users, keep, replace=False))
     if not len(task.users):
         raise ValueError("the dataset has no training targets (no user has a positive session)")
     val = eval_users(ds, Split.VAL)
