@@ -74,9 +74,10 @@ TUNING = {
     "qt-none": {"query_time": "none"},
     "reveal-extra": {"reveal_mode": "extra"},
     "extra-qt-none": {"reveal_mode": "extra", "query_time": "none"},
+    "extra-qt-gap": {"reveal_mode": "extra", "query_time": "gap"},
     "sess-weight": {"loss_weight": "session"},
 }
-TUNING_DATASETS = ("taobao", "mind", "synthetic")
+TUNING_DATASETS = ("taobao", "mind", "synthetic", "globo")
 
 # Ablations of the current default, on every dataset where they mean something: no shown
 # negatives in Globo (the ISE and rank-loss switches change nothing there) and session ids

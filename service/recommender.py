@@ -9,7 +9,7 @@ pick each user's rung of the degradation ladder → run the batch on the compute
 ``rebuilt``     the cache is missing, stale (the log moved on) or of another model version:
                 rebuilt from the raw log (a second round trip), used, and written back
                 (compare-and-set, so a newer log is never overwritten).
-``cold_start``  the user has no history: the query token alone (its request context).
+``cold_start``  the user has no history: the query token alone (time of day + context).
 ``degraded``    Redis failed or passed ``redis_timeout_ms``: a cold-start answer, never a 5xx.
                 The Redis client reconnects by itself, so the next batch after Redis returns
                 is served from state again without a restart.
