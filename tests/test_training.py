@@ -200,6 +200,17 @@ def test_train_save_load_round_trip_scores_identically(ds, tmp_path, kind):
     assert rows[f"{kind}@{trained.version}"] == pytest.approx(trained.metrics["test"], nan_ok=True)
 
 
+def test_user_fraction_trains_on_a_seeded_share_of_the_users(ds):
+    base = {**TINY.to_dict(), "epochs": 1, "min_epochs": 1, "batch_size": 8}
+    full = train(TrainConfig(**base), ds, progress=False)
+    quarter = train(TrainConfig(**{**base, "user_fraction": 0.25}), ds, progress=False)
+    n_users = len(train_users(ds))
+    assert full.history[0]["steps"] == -(-n_users // 8)
+    assert quarter.history[0]["steps"] == -(-round(n_users * 0.25) // 8)
+    with pytest.raises(ValueError, match="user_fraction"):
+        TrainConfig(user_fraction=0.0)
+
+
 def test_loading_refuses_a_tampered_weight_file(ds, tmp_path):
     registry = Registry(tmp_path / "artifacts")
     trained = train_and_save(

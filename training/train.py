@@ -148,7 +148,13 @@ def train(cfg: TrainConfig, ds: PreparedDataset, *, progress: bool = True) -> Tr
         # Without a validation metric the newest epoch counts as the best.
         score = float(metrics["recall@50"]) if early_stopping else float(epoch)
         history.append(
-            {"epoch": epoch, "loss": running / max(n, 1), "seconds": epoch_s, "val": metrics}
+            {
+                "epoch": epoch,
+                "loss": running / max(n, 1),
+                "seconds": epoch_s,
+                "steps": n,
+                "val": metrics,
+            }  # fmt: skip
         )
         log.info(
             "%s epoch %d loss %.4f val recall@50 %.4f (%.1fs)",
