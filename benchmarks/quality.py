@@ -76,6 +76,9 @@ TUNING = {
     "extra-qt-none": {"reveal_mode": "extra", "query_time": "none"},
     "extra-qt-gap": {"reveal_mode": "extra", "query_time": "gap"},
     "sess-weight": {"loss_weight": "session"},
+    # Not the same budget as the SASRec-style model (which early-stops by epoch 20 everywhere):
+    # a diagnostic of whether SessionRec is under-trained at the 40-epoch cap.
+    "epochs-80": {"epochs": 80},
 }
 TUNING_DATASETS = ("taobao", "mind", "synthetic", "globo")
 

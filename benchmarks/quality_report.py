@@ -50,7 +50,18 @@ def report(root: Path, docs: Path) -> None:
     (docs / "img").mkdir(parents=True, exist_ok=True)
     plots = [
         plot_main(main, docs / "img" / "quality.png"),
-        plot_ablation(ablation, docs / "img" / "ablation.png"),
+        plot_variants(
+            tuning,
+            "v1-default",
+            docs / "img" / "tuning.png",
+            "What was tried (vs the first default; mean over the seeds run)",
+        ),
+        plot_variants(
+            ablation,
+            "default",
+            docs / "img" / "ablation.png",
+            "Ablations (vs the current default; mean over the seeds run)",
+        ),
         plot_scaling(scaling, docs / "img" / "scaling.png"),
         plot_cost(main, docs / "img" / "training_cost.png"),
     ]
@@ -67,6 +78,10 @@ def report(root: Path, docs: Path) -> None:
 # ----------------------------------------------------------------------------- aggregation
 
 
+def _number(x) -> bool:
+    return x is not None and x == x  # not None, not NaN
+
+
 def _stats(values: list[float]) -> dict:
     a = np.asarray(values, dtype=float)
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
@@ -81,7 +96,7 @@ def aggregate_main(runs: list[dict]) -> dict:
         if kind != "main":
             continue
         for m in (*METRICS, "auc"):
-            if m in r["test"] and r["test"][m] == r["test"][m]:  # skip NaN AUC
+            if _number(r["test"].get(m)):  # AUC is None/NaN without shown negatives
                 cells[dataset][model][m].append(r["test"][m])
         for m in ("seconds_per_epoch", "peak_rss_mb", "epochs", "train_seconds"):
             cells[dataset][model][m].append(r[m])
@@ -107,7 +122,7 @@ def aggregate(runs: list[dict], kind: str) -> dict:
         if k == kind or (is_default and dataset in datasets):
             name = f"{dataset}: {variant if k == kind else 'default'}"
             for m in (*METRICS, "auc"):
-                if m in r["test"] and r["test"][m] == r["test"][m]:
+                if _number(r["test"].get(m)):
                     cells[name][m].append(r["test"][m])
             cells[name]["params"].append(r["config"]["dim"])
             cells[name]["fraction"].append(r["config"].get("user_fraction", 1.0))
@@ -293,17 +308,34 @@ def plot_main(main: dict, path: Path) -> Path | None:
     return path
 
 
-def plot_ablation(ablation: dict, path: Path) -> Path | None:
-    if not ablation:
+def plot_variants(cells: dict, baseline: str, path: Path, title: str) -> Path | None:
+    """Change of test Recall@50 and NDCG@50 vs each dataset's baseline, one bar per dataset."""
+    by: dict = defaultdict(dict)
+    for name, m in cells.items():
+        dataset, variant = name.split(": ", 1)
+        by[variant][dataset] = m
+    if baseline not in by or len(by) < 2:
         return None
+    datasets = [d for d in ("taobao", "mind", "synthetic", "globo") if d in by[baseline]]
+    variants = sorted(v for v in by if v != baseline)
     plt = _plt()
-    names = sorted(ablation)
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    means = [ablation[n]["recall@50"]["mean"] for n in names]
-    stds = [ablation[n]["recall@50"]["std"] for n in names]
-    ax.barh(names, means, xerr=stds, capsize=3, color="tab:blue")
-    ax.set_xlabel("test Recall@50 (SessionRec)")
-    ax.set_title("Ablations (mean ± std over seeds)")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(variants) * len(datasets) / 2 + 2))
+    height = 0.8 / max(len(datasets), 1)
+    for ax, metric in zip(axes, ("recall@50", "ndcg@50"), strict=True):
+        for i, d in enumerate(datasets):
+            base = by[baseline][d][metric]["mean"]
+            change = [
+                100 * (by[v][d][metric]["mean"] / base - 1) if d in by[v] and base else np.nan
+                for v in variants
+            ]
+            y = np.arange(len(variants)) + (i - (len(datasets) - 1) / 2) * height
+            ax.barh(y, change, height, label=d)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(np.arange(len(variants)), variants)
+        ax.set_xlabel(f"test {metric}: % change vs {baseline}")
+        ax.grid(True, axis="x", alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -327,12 +359,20 @@ def plot_scaling(scaling: dict, path: Path) -> Path | None:
     for ax, pts, label in ((axes[0], dims, "model width (dim)"),
                            (axes[1], fracs, "fraction of training users")):  # fmt: skip
         if pts:
-            x = [p for p, _ in pts]
-            y = [m["recall@50"]["mean"] for _, m in pts]
-            ax.loglog(x, y, "o-")
+            x = np.array([p for p, _ in pts], dtype=float)
+            y = np.array([m["recall@50"]["mean"] for _, m in pts])
+            ax.loglog(x, y, "o-", label="measured")
+            if len(x) >= 2:  # least-squares power law y = c·x^b, drawn over the points
+                b, log_c = np.polyfit(np.log(x), np.log(y), 1)
+                ax.loglog(x, np.exp(log_c) * x**b, "--", alpha=0.6, label=f"fit ∝ x^{b:.3f}")
+            ax.set_xticks(x, [f"{v:g}" for v in x])
+            ax.minorticks_off()
+            ticks = np.geomspace(y.min(), y.max(), 4)
+            ax.set_yticks(ticks, [f"{t:.3f}" for t in ticks])
             ax.set_xlabel(label)
             ax.set_ylabel("test Recall@50")
-            ax.grid(True, which="both", alpha=0.3)
+            ax.grid(True, which="major", alpha=0.3)
+            ax.legend()
     fig.suptitle("Scaling on synthetic data (SessionRec, seed 0; log-log)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
