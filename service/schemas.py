@@ -45,7 +45,10 @@ Label = Annotated[Literal[0, 1], Field(description="1 = engaged (click/buy/cart)
 
 
 def _utc(value: datetime) -> datetime:
-    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+01:00 is before year 1 in UTC (found by fuzzing)
+        value = datetime.min.replace(tzinfo=UTC)
     if not 2000 <= value.year <= 2100:
         raise ValueError("timestamp must be between the years 2000 and 2100")
     return value

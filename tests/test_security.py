@@ -283,6 +283,33 @@ def test_k_and_list_lengths_are_bounded(settings):
             session_body("u1", items=[item] * (MAX_SESSION_ITEMS + 1)),
             ("body", "items"),
         ),
+        # Timestamps: years 2000-2100 in UTC. The offset one is year 0 in UTC, past what
+        # datetime can hold: it once escaped validation as an OverflowError, a 500 (schemathesis).
+        (
+            "/sessions",
+            {**session_body("u1"), "ended_at": "1999-12-31T23:59:59Z"},
+            ("body", "ended_at"),
+        ),
+        (
+            "/sessions",
+            {**session_body("u1"), "ended_at": "2101-01-01T00:00:00Z"},
+            ("body", "ended_at"),
+        ),
+        (
+            "/sessions",
+            {**session_body("u1"), "ended_at": "0001-01-01T00:00:00+01:00"},
+            ("body", "ended_at"),
+        ),
+        (
+            "/sessions",
+            {**session_body("u1"), "ended_at": "9999-12-31T23:59:59-01:00"},
+            ("body", "ended_at"),
+        ),
+        (
+            "/recommend/session",
+            {"user_id": "u1", "context": {"timestamp": "0001-01-01T00:00:00+01:00"}},
+            ("body", "context", "timestamp"),
+        ),
     ]
     with LiveServer(settings) as server, server.client() as client:
         for path, body, loc in too_many:
