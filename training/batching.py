@@ -11,8 +11,10 @@ Which sessions a user contributes, per mode:
 
 Sessions longer than ``max_items`` keep their positives first (pooling is order-free) so the
 cap never hides what the user engaged with. With probability ``reveal_prob`` a training target
-reveals a random prefix of itself to its query token (the "items already seen in this session"
-context of the serving request); the revealed items are then not targets.
+also gets a query that sees a random prefix of the session (the "items already seen in this
+session" context of the serving request) and predicts the rest: beside the plain query
+(``reveal_mode="extra"``, the training default) or instead of it (``"replace"``, the first
+default, which took the revealed items out of the plain next-session targets).
 """
 
 from __future__ import annotations
