@@ -17,6 +17,8 @@ import numpy as np
 
 METRICS = ("recall@10", "recall@50", "recall@100", "ndcg@10", "ndcg@50", "ndcg@100", "hr@50")
 TARGET = 0.27  # the brief: SessionRec ≥ 27 % over the item-level model on Recall@50, NDCG@50
+MAIN_ORDER = ("synthetic", "taobao", "mind", "globo")  # main tables and plots
+VARIANT_ORDER = ("taobao", "mind", "synthetic", "globo")  # columns of tuning / ablation tables
 DATASET_NAMES = {
     "synthetic": "Synthetic (2,000 users, 2,000 items)",
     "taobao": "Taobao UserBehavior subset",
@@ -170,7 +172,7 @@ def markdown(main: dict, tuning: dict, ablation: dict, scaling: dict, plots: lis
         "pseudo-session), and the user's own history items, most recent first, then popularity.",
         "",
     ]
-    for d in ("synthetic", "taobao", "mind", "globo"):
+    for d in MAIN_ORDER:
         if d not in main:
             out += [f"**{DATASET_NAMES[d]}**: not run (dataset absent or run pending).", ""]
             continue
@@ -238,9 +240,7 @@ def _variant_table(
     for name, m in cells.items():
         dataset, variant = name.split(": ", 1)
         by[variant][dataset] = m
-    datasets = [
-        d for d in ("taobao", "mind", "synthetic", "globo") if any(d in v for v in by.values())
-    ]
+    datasets = [d for d in VARIANT_ORDER if any(d in v for v in by.values())]
     variants = [baseline] + sorted(v for v in by if v != baseline)
     header = "| variant | " + " | ".join(datasets) + " |"
     out = [f"### {title}", "", caption, "", header, "|---" * (len(datasets) + 1) + "|"]
@@ -277,7 +277,8 @@ def replace_block(path: Path, name: str, text: str) -> None:
 # ----------------------------------------------------------------------------- plots
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed); imported only when plotting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,11 +287,17 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
 def plot_main(main: dict, path: Path) -> Path | None:
-    datasets = [d for d in ("synthetic", "taobao", "mind", "globo") if d in main]
+    datasets = [d for d in MAIN_ORDER if d in main]
     if not datasets:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("recall@50", "ndcg@50"), strict=True):
         width = 0.27
@@ -302,9 +309,7 @@ def plot_main(main: dict, path: Path) -> Path | None:
         ax.set_xticks(np.arange(len(datasets)), datasets)
         ax.set_title(f"next-session {metric} (test; mean ± std over seeds)")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -316,9 +321,9 @@ def plot_variants(cells: dict, baseline: str, path: Path, title: str) -> Path | 
         by[variant][dataset] = m
     if baseline not in by or len(by) < 2:
         return None
-    datasets = [d for d in ("taobao", "mind", "synthetic", "globo") if d in by[baseline]]
+    datasets = [d for d in VARIANT_ORDER if d in by[baseline]]
     variants = sorted(v for v in by if v != baseline)
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(variants) * len(datasets) / 2 + 2))
     height = 0.8 / max(len(datasets), 1)
     for ax, metric in zip(axes, ("recall@50", "ndcg@50"), strict=True):
@@ -336,9 +341,7 @@ def plot_variants(cells: dict, baseline: str, path: Path, title: str) -> Path | 
         ax.grid(True, axis="x", alpha=0.3)
     axes[0].legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -354,7 +357,7 @@ def plot_scaling(scaling: dict, path: Path) -> Path | None:
     dims, fracs = points("dim-", int), points("data-", float)
     if not dims and not fracs:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, pts, label in ((axes[0], dims, "model width (dim)"),
                            (axes[1], fracs, "fraction of training users")):  # fmt: skip
@@ -374,17 +377,15 @@ def plot_scaling(scaling: dict, path: Path) -> Path | None:
             ax.grid(True, which="major", alpha=0.3)
             ax.legend()
     fig.suptitle("Scaling on synthetic data (SessionRec, seed 0; log-log)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
 def plot_cost(main: dict, path: Path) -> Path | None:
-    datasets = [d for d in ("synthetic", "taobao", "mind", "globo") if d in main]
+    datasets = [d for d in MAIN_ORDER if d in main]
     if not datasets:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric, label in ((axes[0], "seconds_per_epoch", "seconds per epoch"),
                               (axes[1], "peak_rss_mb", "peak RSS (MB)")):  # fmt: skip
@@ -394,7 +395,5 @@ def plot_cost(main: dict, path: Path) -> Path | None:
         ax.set_xticks(np.arange(len(datasets)), datasets)
         ax.set_title(f"training cost: {label}")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path

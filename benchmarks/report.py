@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import ann, echo, serve, step  # noqa: E402
+from benchmarks.quality_report import pyplot as _pyplot  # noqa: E402
 from benchmarks.quality_report import replace_block  # noqa: E402
+from benchmarks.quality_report import save_figure as _save  # noqa: E402
 
 
 class MissingBlockError(ValueError):
@@ -449,21 +451,6 @@ def plot_echo(data: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- plots
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
 
 
 SECTIONS = (
